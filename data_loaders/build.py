@@ -1,0 +1,83 @@
+"""Entry points: a dataset config -> train / val / test datasets -> DataLoaders.
+
+Common config keys (all datasets; dataset-specific keys are documented in each dataset module):
+
+* ``name``: registry name (``list_datasets()``); unknown names raise ``UnknownNameError``.
+* ``root``: dataset folder (CIFAR, SVHN, ImageNet; ignored by ``digits`` and ``synthetic``).
+* ``val_size`` (default 0.1): fraction in (0, 1) or integer count of *training* examples held out as
+  the validation split (an integer 0 gives an empty validation split).
+* ``split_seed`` (default 0): seed of the stratified validation split. The split depends only on the
+  training labels and this seed, so it is identical across runs and machines.
+* ``augment`` (default True): training augmentation on/off. Validation and test never augment.
+* ``image_size``: ImageNet (default 224), digits and synthetic (default 32); CIFAR/SVHN must be 32.
+* ``num_classes`` (optional): if given, must equal the dataset's class count (for ImageNet: the number
+  of class folders), so a half-extracted folder or a wrong config fails here, not in the model head.
+
+Validation is carved from the official training data; ``train`` and ``val`` index disjoint subsets of
+it that together cover all of it, and ``val`` uses the eval transform (no augmentation). ``test`` is the
+official test split (ImageNet: the official val folder; digits: a fixed held-out split).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_loaders.base import DATASETS, DatasetSplits, TransformedSubset
+from data_loaders.splits import carve_validation
+
+
+def list_datasets() -> List[str]:
+    """Sorted names of all registered datasets."""
+    return DATASETS.names()
+
+
+def build_datasets(cfg: Mapping[str, Any]) -> DatasetSplits:
+    """Build the train / val / test splits described by ``cfg`` (a dict or an omegaconf DictConfig).
+
+    Returns:
+        DatasetSplits whose datasets yield ``(image (C, S, S) float32 normalised, int label)``.
+    """
+    name = cfg["name"]
+    source = DATASETS.get(name)(cfg)
+    expected = cfg.get("num_classes")
+    if expected is not None and int(expected) != source.num_classes:
+        raise ValueError(f"{name}: the config says num_classes={expected} but the data has "
+                         f"{source.num_classes} classes (root={cfg.get('root')})")
+    augment = bool(cfg.get("augment", True))
+    val_size = cfg.get("val_size", 0.1)
+    train_idx, val_idx = carve_validation(source.train_labels, val_size, int(cfg.get("split_seed", 0)))
+    train_transform = source.train_transform if augment else source.eval_transform
+    return DatasetSplits(
+        train=TransformedSubset(source.train, train_idx, train_transform),
+        val=TransformedSubset(source.train, val_idx, source.eval_transform),
+        test=TransformedSubset(source.test, None, source.eval_transform),
+        num_classes=source.num_classes,
+        image_size=source.image_size,
+        in_channels=source.in_channels,
+        mean=tuple(source.mean),
+        std=tuple(source.std),
+    )
+
+
+def build_loaders(splits: DatasetSplits, batch_size: int, eval_batch_size: int | None = None,
+                  num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> Dict[str, DataLoader]:
+    """DataLoaders ``{"train", "val", "test"}`` for ``splits``.
+
+    ``train`` is shuffled by a generator seeded with ``seed`` (same seed -> same batch order; with
+    workers, the generator also seeds each worker's augmentation RNG) and keeps its last partial batch.
+    ``val``/``test`` are not shuffled and use ``eval_batch_size`` (default: ``batch_size``).
+    Workers persist across epochs when ``num_workers > 0`` so they are not re-forked every epoch.
+    With ``num_workers=0`` augmentation draws from the global torch RNG: seed it for exact repeats.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    eval_batch_size = eval_batch_size or batch_size
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return {
+        "train": DataLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=False,
+                            generator=torch.Generator().manual_seed(seed), **common),
+        "val": DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, **common),
+        "test": DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common),
+    }
