@@ -1,0 +1,77 @@
+"""Run modes (``run=<mode>``) and what every mode shares: device, seed, run directory, limits.
+
+A mode is a function ``(cfg) -> dict`` registered in ``RUN_MODES``; the modules that define modes are
+listed in ``_MODE_MODULES`` and imported on first dispatch, so entry points stay thin.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+from omegaconf import DictConfig
+
+from data_loaders import DatasetCorruptError
+from utils.checkpoint import CheckpointError
+from utils.device import get_device, seed_everything, set_threads
+from utils.registry import Registry, UnknownNameError
+from utils.train import Limits
+
+log = logging.getLogger(__name__)
+
+RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
+_MODE_MODULES = ["utils.pretrain"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with the override that fixes it in the message."""
+
+
+# Errors caused by the user's input (names, paths, files, settings): entry points print their message
+# without a traceback and exit with status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UnknownNameError, FileNotFoundError, DatasetCorruptError, CheckpointError, ConfigError)
+
+
+@dataclass
+class RunContext:
+    """What a run mode needs besides its config."""
+
+    device: torch.device
+    run_dir: Path
+    limits: Limits
+
+
+def prepare_run(cfg: DictConfig) -> RunContext:
+    """Seed, pick the device once, create the run directory."""
+    set_threads(cfg.get("threads"))
+    seed_everything(int(cfg.seed))
+    try:
+        device = get_device(cfg.get("device", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run=%s task=%s model=%s device=%s run_dir=%s", cfg.run, cfg.task.name, cfg.model.name, device, run_dir)
+    return RunContext(device=device, run_dir=run_dir, limits=Limits.from_cfg(cfg.get("debug")))
+
+
+def _load_modes() -> None:
+    for module in _MODE_MODULES:
+        importlib.import_module(module)
+
+
+def list_run_modes() -> list[str]:
+    _load_modes()
+    return RUN_MODES.names()
+
+
+def dispatch(cfg: DictConfig) -> Dict[str, Any]:
+    """Run ``cfg.run``; ``run=help`` lists the modes."""
+    _load_modes()
+    if cfg.run == "help":
+        print("run modes: " + ", ".join(RUN_MODES.names()))
+        return {}
+    return RUN_MODES.get(str(cfg.run))(cfg)

@@ -1,0 +1,269 @@
+"""Training and evaluation loop shared by every stage (pretraining, fine-tuning after pruning, ...).
+
+``fit`` trains a model for one *schedule* (epochs, lr, milestones, ...) with one *optimiser* config,
+evaluates on the validation split after every epoch, writes a resumable checkpoint per epoch
+(atomically) and a CSV of the history, and finally keeps the weights of the epoch selected on the
+validation split (``select: best``) or the last epoch (``select: last``). The test split is never
+looked at here: callers evaluate it once, at the very end.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter(loader) eagerly, a 2nd DataLoader iterator
+
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.io import atomic_save, write_csv
+from utils.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    """Caps that shrink a run (the ``debug`` config group); ``None`` means no cap."""
+
+    max_epochs: Optional[int] = None
+    train_batches: Optional[int] = None
+    eval_batches: Optional[int] = None
+
+    @classmethod
+    def from_cfg(cls, debug: Optional[Mapping[str, Any]]) -> "Limits":
+        debug = debug or {}
+        return cls(debug.get("max_epochs"), debug.get("limit_train_batches"), debug.get("limit_eval_batches"))
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: per-epoch history and the selected epoch (1-based; 0 = no training)."""
+
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    selected_epoch: int = 0
+    selected_val: Dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _autocast(device: torch.device, amp: bool):
+    # Mixed precision only where it pays off and is safe: CUDA. On the CPU this is a no-op context.
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    limit_batches: Optional[int] = None,
+    amp: bool = False,
+) -> Dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy (in %) of ``model`` over ``loader`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for i, (x, y) in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)  # (B, num_classes)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.numel()
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError("evaluation loader yielded no batches (empty split, or limit_eval_batches=0)")
+    return {"loss": loss_sum / seen, "acc": 100.0 * correct / seen, "n": seen}
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    label_smoothing: float = 0.0,
+    grad_clip: Optional[float] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    limit_batches: Optional[int] = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> Dict[str, float]:
+    """One pass over ``loader``; returns mean training loss and accuracy (%) of the seen batches."""
+    model.train()
+    amp = scaler is not None and scaler.is_enabled()
+    loss_sum, correct, seen = 0.0, 0, 0
+    total = len(loader) if limit_batches is None else min(len(loader), limit_batches)
+    bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not progress, mininterval=1.0)
+    for i, (x, y) in enumerate(bar):
+        if i >= total:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: the training loss became {loss.item()} at batch {i}; lower the learning rate or disable "
+                "mixed precision. The last finished epoch is still in the run directory's checkpoint."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if amp:
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        loss_sum += loss.item() * y.numel()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.numel()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+    return {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1)}
+
+
+def _check_compatible(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    if own != theirs:
+        diff = sorted(set(own.items()) ^ set(theirs.items()))[:4]
+        raise CheckpointError(
+            f"{path} was written for a different architecture than this run builds (first differences: {diff}). "
+            "Use another run directory (e.g. run_name=...), or pass resume=false to start over."
+        )
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers and tuples -> plain dicts/lists, so fingerprints compare and serialise."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _check_fingerprint(own: Mapping[str, Any], theirs: Mapping[str, Any], path: Path) -> None:
+    changed = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {own.get(k)!r}" for k in changed[:4])
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({detail}). Re-run with the original settings to "
+            "resume it, or choose another run directory (run_name=...) or pass resume=false to start over."
+        )
+
+
+def fit(
+    model: torch.nn.Module,
+    loaders: Mapping[str, DataLoader],
+    schedule: Mapping[str, Any],
+    optim_cfg: Mapping[str, Any],
+    device: torch.device,
+    run_dir: Optional[str | Path] = None,
+    name: str = "train",
+    resume: bool = True,
+    limits: Limits = Limits(),
+    seed: int = 0,
+    progress: bool = True,
+    fingerprint: Optional[Mapping[str, Any]] = None,
+) -> FitResult:
+    """Train ``model`` (already on ``device``) for ``schedule``; see the module docstring.
+
+    Args:
+        loaders: needs ``"train"`` and ``"val"``.
+        schedule: ``epochs``, ``lr``, ``milestones``, ``gamma``, ``label_smoothing``, ``scheduler``
+            (``multistep`` | ``cosine``), ``warmup_epochs``, ``grad_clip``, ``select`` (``best`` | ``last``).
+        optim_cfg: the ``optim`` config group (``name``, ``momentum``, ``weight_decay``, ``amp``, ...).
+        run_dir: where ``{name}_last.pt`` (resumable state), ``{name}_best.pt`` and ``{name}_history.csv``
+            go; ``None`` disables checkpointing.
+        name: prefix of the files, so several stages can share one run directory.
+        fingerprint: JSON-like settings that define the run (data set, schedule, seed, ...). A resumed run
+            must have the same fingerprint, so changed settings never silently continue an old run.
+    """
+    fingerprint = _plain(fingerprint or {})
+    epochs = int(schedule["epochs"])
+    if limits.max_epochs is not None:
+        epochs = min(epochs, int(limits.max_epochs))
+    optimizer = build_optimizer(model.parameters(), optim_cfg, lr=float(schedule["lr"]))
+    scheduler = build_scheduler(optimizer, schedule, epochs)
+    amp = bool(optim_cfg.get("amp", True)) and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    select = schedule.get("select", "best")
+    if select not in ("best", "last"):
+        raise ValueError(f"schedule.select={select!r}; use 'best' (validation accuracy) or 'last'")
+
+    result = FitResult()
+    best_state: Optional[Dict[str, torch.Tensor]] = None
+    start = 0
+    run_dir = Path(run_dir) if run_dir is not None else None
+    last_path = run_dir / f"{name}_last.pt" if run_dir else None
+    best_path = run_dir / f"{name}_best.pt" if run_dir else None
+    if resume and last_path is not None and last_path.exists():
+        ckpt = load_checkpoint(last_path, map_location=device)
+        _check_compatible(model, ckpt["model"], last_path)
+        _check_fingerprint(fingerprint, ckpt.get("fingerprint", {}), last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start, result.history = int(ckpt["epoch"]), list(ckpt["history"])
+        result.selected_epoch, result.selected_val = int(ckpt["selected_epoch"]), dict(ckpt["selected_val"])
+        if select == "best" and best_path.exists():
+            best_state = load_checkpoint(best_path, map_location=device)["model"]
+        log.info("%s: resumed from %s after epoch %d/%d", name, last_path, start, epochs)
+
+    t0 = time.time()
+    for epoch in range(start, epochs):
+        # Seeding per epoch makes shuffling and augmentation identical whether or not the run was resumed.
+        torch.manual_seed(seed * 100003 + epoch)
+        generator = getattr(loaders["train"], "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed * 100003 + epoch)
+        te = time.time()
+        train = train_one_epoch(
+            model, loaders["train"], optimizer, device,
+            label_smoothing=float(schedule.get("label_smoothing", 0.0)),
+            grad_clip=schedule.get("grad_clip"), scaler=scaler, limit_batches=limits.train_batches,
+            desc=f"{name} {epoch + 1}/{epochs}", progress=progress,
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val = evaluate(model, loaders["val"], device, limits.eval_batches, amp=amp)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - te}
+        result.history.append(row)
+        log.info("%s epoch %d/%d  lr %.4g  train loss %.4f acc %.2f  val loss %.4f acc %.2f  (%.1fs)",
+                 name, epoch + 1, epochs, lr, train["loss"], train["acc"], val["loss"], val["acc"], row["seconds"])
+        improved = select == "last" or result.selected_epoch == 0 or val["acc"] > result.selected_val["acc"]
+        if improved:
+            result.selected_epoch, result.selected_val = epoch + 1, {"loss": val["loss"], "acc": val["acc"]}
+            if select == "best":
+                best_state = copy.deepcopy(model.state_dict())
+                if best_path is not None:
+                    atomic_save({"model": best_state, "epoch": epoch + 1}, best_path)
+        if run_dir is not None:
+            atomic_save({
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": result.history,
+                "selected_epoch": result.selected_epoch, "selected_val": result.selected_val,
+                "fingerprint": fingerprint,
+            }, last_path)
+            write_csv(result.history, run_dir / f"{name}_history.csv")
+
+    if select == "best" and best_state is not None:
+        model.load_state_dict(best_state)
+    result.seconds = time.time() - t0
+    if result.history and not math.isfinite(result.history[-1]["train_loss"]):
+        raise FloatingPointError(f"{name}: training diverged (loss {result.history[-1]['train_loss']})")
+    return result
