@@ -1,0 +1,1 @@
+"""Single-process entry point (CIFAR-scale experiments): ``python -m main run=<mode> ...``."""

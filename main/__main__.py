@@ -1,0 +1,3 @@
+from main.main import main
+
+main()

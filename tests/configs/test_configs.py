@@ -1,0 +1,69 @@
+"""Every option of every config group composes with the real config tree, and what it names exists."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from data_loaders import list_datasets
+from nn.models import list_models
+from utils.optim import OPTIMIZERS, build_optimizer, build_scheduler
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+GROUPS = ["task", "model", "dataset", "method", "metanetwork", "optim", "paths", "debug", "experiment"]
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("main", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_resolves(group, option):
+    cfg = _compose([f"{group}={option}"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.run_dir.endswith(f"/{cfg.task.name}/{cfg.run}/{cfg.run_name}")
+    assert cfg.model.name in list_models()
+    assert cfg.dataset.name in list_datasets()
+    assert cfg.optim.name in OPTIMIZERS
+    for schedule in cfg.task.schedules.values():
+        build_scheduler(_opt(cfg), schedule, schedule.epochs)
+
+
+def _opt(cfg):
+    import torch
+
+    return build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim, lr=0.1)
+
+
+def test_every_group_has_options_and_names_match_files():
+    for group in GROUPS:
+        assert _options(group), f"config group {group} is empty"
+    for group in ("model", "method"):
+        for option in _options(group):
+            assert OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml").name == option
+
+
+def test_task_selects_model_and_dataset_but_command_line_wins():
+    cfg = _compose(["task=VGG19_on_CIFAR100"])
+    assert (cfg.model.name, cfg.dataset.name, cfg.dataset.num_classes) == ("vgg19_bn", "cifar100", 100)
+    assert cfg.task.schedules.finetune_after_pruning.milestones == [80, 120]
+    cfg = _compose(["task=resnet56_on_CIFAR10", "model=resnet20"])
+    assert (cfg.model.name, cfg.dataset.name) == ("resnet20", "cifar10")
+
+
+def test_debug_overrides_top_level_values_and_uses_its_own_run_dir():
+    cfg = _compose(["debug=quick"])
+    assert cfg.debug.max_epochs == 2 and cfg.task.batch_size == 32 and cfg.resume is False
+    assert "debug-quick" in cfg.run_dir
+    assert _compose([]).get("debug") is None
+
+
+def test_bad_override_fails_with_hydras_list_of_options():
+    with pytest.raises(MissingConfigException, match="resnet56"):
+        _compose(["model=resnet65"])
