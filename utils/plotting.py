@@ -19,7 +19,7 @@ def plot_history(history: Sequence[Dict[str, Any]], path: str | Path, title: str
     for split in ("train", "val"):
         ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], marker=".", label=split)
         ax_acc.plot(epochs, [row[f"{split}_acc"] for row in history], marker=".", label=split)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
