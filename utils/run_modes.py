@@ -44,8 +44,24 @@ class RunContext:
     limits: Limits
 
 
+_TOP_LEVEL_TYPES = {"seed": int, "resume": bool, "progress": bool, "num_workers": int, "threads": (int, type(None))}
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Reject mistyped top-level overrides (``seed=abc``) with the key, the value and an example."""
+    for key, types in _TOP_LEVEL_TYPES.items():
+        value = cfg.get(key)
+        if isinstance(value, bool) and types is int:  # bool is an int subclass; seed=true is a mistake
+            value = str(value)
+        if not isinstance(value, types):
+            want = getattr(types, "__name__", "integer or null")
+            raise ConfigError(f"{key}={value!r} is not valid: expected {want}, e.g. {key}=" +
+                              {"seed": "7", "resume": "false", "progress": "false"}.get(key, "2"))
+
+
 def prepare_run(cfg: DictConfig) -> RunContext:
-    """Seed, pick the device once, create the run directory."""
+    """Check the top-level settings, seed, pick the device once, create the run directory."""
+    check_top_level(cfg)
     set_threads(cfg.get("threads"))
     seed_everything(int(cfg.seed))
     try:

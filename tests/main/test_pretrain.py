@@ -68,3 +68,13 @@ def test_cli_rejects_unknown_run_mode_and_missing_dataset(tmp_path):
     # The error is also in the run directory's log.
     log = next(tmp_path.glob("outputs/resnet20_on_digits/pretrain/*/main.log")).read_text()
     assert "expected files are missing" in log
+
+
+@pytest.mark.parametrize("override,message", [("seed=abc", "seed='abc' is not valid"),
+                                              ("resume=maybe", "resume='maybe' is not valid"),
+                                              ("device=tpu", "device='tpu'")])
+def test_mistyped_top_level_values_are_config_errors(override, message, tmp_path):
+    from utils.run_modes import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        dispatch(_cfg(override, f"paths.output_dir={tmp_path}"))
