@@ -1,0 +1,139 @@
+"""The graph of a network: channels are nodes, weights are typed edges (DESIGN.md section 3).
+
+A :class:`NetworkGraph` is two things:
+
+* **features** that change from network to network of the same architecture (and that the metanetwork
+  reads and rewrites): ``node_features`` ``(N, F)`` and, per edge type, ``edge_features[t]`` ``(E_t, F_t)``;
+* a :class:`GraphLayout` that only depends on the architecture and its widths, traced once and cached:
+  node count and types, the names of the node-feature columns, ``edge_index[t]`` ``(2, E_t)`` (row 0 =
+  producer channel, row 1 = consumer channel), and the recipe that maps every parameter and buffer of the
+  network to its feature slots and back.
+
+Fields (``N`` nodes, ``F`` node-feature columns, ``E_t`` edges of type ``t`` with ``F_t`` features each):
+
+===================  =====================================  ==============================================
+field                shape / type                           meaning
+===================  =====================================  ==============================================
+``node_features``    float ``(N, F)``                       per-channel parameters, one column per slot
+``edge_features``    dict ``t -> (E_t, F_t)``               one row per (consumer, producer) weight pair
+``edge_index``       dict ``t -> long (2, E_t)``            ``[producer; consumer]`` node ids
+``node_type``        long ``(N,)``                          ``NODE_INPUT`` / ``HIDDEN`` / ``ATTENTION`` /
+                                                            ``OUTPUT``
+``node_slots``       tuple of ``F`` str                     column names, e.g. ``bn0.weight``, ``bias0``
+``extras``           dict name -> tensor                    state-dict entries kept outside the graph
+                                                            (``num_batches_tracked``, ViT class token and
+                                                            position embedding), copied unchanged
+===================  =====================================  ==============================================
+
+Edge types: ``conv{kh}x{kw}`` (a ``kh*kw`` kernel slice per edge), ``linear`` (one value),
+``linear_x{s}`` (a linear layer after flattening ``s`` spatial positions per channel: ``s`` values),
+``attn_qkv`` (the query, key and value weights from a residual channel to an attention channel) and
+``identity`` (a non-parametric shortcut, feature 1.0; not a parameter, ignored when mapping back).
+
+Node-feature slots: ``bn{k}.{weight,bias,running_mean,running_var}``, ``ln{k}.{weight,bias}``,
+``bias{k}`` (conv/linear bias) and ``qkv_bias.{q,k,v}``; ``k`` counts the layers of that kind writing into
+the same channels (a residual sum of a main branch and a downsample branch has ``bn0`` and ``bn1``).
+Buffer slots (BN running statistics, see ``GraphLayout.buffer_columns``) are mapped back detached: eval-mode
+BatchNorm has no gradient with respect to them. A slot that a node does not use holds a neutral value (1 for BN/LN weights and running variances, 0
+otherwise) and is ignored when mapping back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+NODE_INPUT, NODE_HIDDEN, NODE_ATTENTION, NODE_OUTPUT = 0, 1, 2, 3
+NODE_TYPE_NAMES = ("input", "hidden", "attention", "output")
+
+
+@dataclass
+class ParamMap:
+    """Where one state-dict entry lives in the graph.
+
+    ``kind == "edges"``: rows ``[start, start + count)`` of ``edge_features[source]``, obtained from the
+    tensor by ``to_rows`` and mapped back by ``from_rows`` (pure reshapes/permutes: exact and differentiable).
+    ``kind == "nodes"``: the flattened tensor is ``node_features[nodes, columns]`` (one slot per element).
+    """
+
+    name: str
+    kind: str  # "edges" | "nodes"
+    shape: Tuple[int, ...]
+    source: str = ""  # edge type, for kind == "edges"
+    start: int = 0
+    count: int = 0
+    recipe: str = "rows"  # how the tensor is laid out as rows; see utils/convert/layout.py
+    recipe_args: Tuple[int, ...] = ()
+    nodes: Optional[torch.Tensor] = None  # long (numel,), for kind == "nodes"
+    columns: Optional[torch.Tensor] = None  # long (numel,), for kind == "nodes"
+    is_buffer: bool = False  # BN running statistics: mapped back without gradient
+
+
+@dataclass
+class GraphLayout:
+    """Architecture-dependent part of a graph: traced once per (architecture, widths) and cached."""
+
+    num_nodes: int
+    node_type: torch.Tensor  # long (N,)
+    node_slots: Tuple[str, ...]
+    node_fill: torch.Tensor  # float (F,): neutral value of each slot
+    edge_index: Dict[str, torch.Tensor]  # t -> long (2, E_t)
+    edge_dims: Dict[str, int]  # t -> F_t
+    constant_edges: Dict[str, float]  # edge types that carry a constant (identity shortcuts)
+    params: List[ParamMap]  # state-dict entries in state-dict order
+    extras: List[str]  # state-dict entries kept outside the graph
+    state_keys: List[str]  # every state-dict key, in order
+    module_nodes: Dict[str, torch.Tensor] = field(default_factory=dict)  # module -> its output channels' nodes
+    arch: Optional[Dict[str, Any]] = None  # nn.models.describe_model(...) for zoo models, else None
+
+    @property
+    def buffer_columns(self) -> torch.Tensor:
+        """Bool ``(F,)``: node-feature columns holding buffers (BN running statistics), not parameters."""
+        return torch.tensor([n.endswith(("running_mean", "running_var")) for n in self.node_slots], dtype=torch.bool)
+
+    @property
+    def num_edges(self) -> int:
+        return sum(int(ei.shape[1]) for ei in self.edge_index.values())
+
+
+@dataclass
+class NetworkGraph:
+    """A network as a graph: per-network features plus the shared :class:`GraphLayout`."""
+
+    layout: GraphLayout
+    node_features: torch.Tensor  # (N, F)
+    edge_features: Dict[str, torch.Tensor]  # t -> (E_t, F_t)
+    extras: Dict[str, torch.Tensor]
+
+    @property
+    def num_nodes(self) -> int:
+        return self.layout.num_nodes
+
+    @property
+    def edge_index(self) -> Dict[str, torch.Tensor]:
+        return self.layout.edge_index
+
+    @property
+    def node_type(self) -> torch.Tensor:
+        return self.layout.node_type
+
+    @property
+    def node_slots(self) -> Tuple[str, ...]:
+        return self.layout.node_slots
+
+    def replace(self, node_features: torch.Tensor, edge_features: Dict[str, torch.Tensor]) -> "NetworkGraph":
+        """Same layout and extras, new features (e.g. the metanetwork's output)."""
+        return NetworkGraph(self.layout, node_features, dict(edge_features), self.extras)
+
+    def to(self, device: torch.device | str) -> "NetworkGraph":
+        """Features and extras on ``device`` (the cached layout's index tensors are moved lazily by users)."""
+        return NetworkGraph(
+            self.layout, self.node_features.to(device),
+            {t: f.to(device) for t, f in self.edge_features.items()},
+            {k: v.to(device) for k, v in self.extras.items()},
+        )
+
+    def __repr__(self) -> str:
+        edges = ", ".join(f"{t}: {int(ei.shape[1])}x{self.layout.edge_dims[t]}" for t, ei in self.edge_index.items())
+        return f"NetworkGraph(nodes={self.num_nodes}, node_features={tuple(self.node_features.shape)}, edges={{{edges}}})"
