@@ -1,0 +1,108 @@
+import pytest
+import torch
+import torchvision
+import torch_pruning as tp
+from omegaconf import OmegaConf
+
+from data_loaders import build_datasets, build_loaders
+from nn.models import create_model
+from utils.checkpoint import load_model, save_model
+from utils.pruning.macs import MacCounter, count_macs_params
+from utils.pruning.methods import build_method
+from utils.pruning.progressive import PruningError, loss_gradients, pruning_kwargs, progressive_prune
+from utils.registry import UnknownNameError
+
+METHOD_DIR = __import__("pathlib").Path(__file__).resolve().parents[3] / "configs" / "method"
+METHODS = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+
+
+def _method(name):
+    return build_method(OmegaConf.load(METHOD_DIR / f"{name}.yaml"))
+
+
+def _trained_like(name, num_classes=10):
+    """A zoo model with non-degenerate BN scales/statistics (fresh BN weights are all 1: every tie)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 1.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg19_bn", "resnet18", "vit_tiny", "mobilenet_v2"])
+def test_fast_mac_counter_equals_torch_pruning_before_and_after_pruning(name):
+    torch.manual_seed(0)
+    model = (torchvision.models.mobilenet_v2(weights=None, num_classes=10) if name == "mobilenet_v2"
+             else create_model(name)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    counter = MacCounter(model, x)
+    assert counter.exact
+    assert counter() == count_macs_params(model, x)[0]
+    tp.pruner.BasePruner(model, x, importance=tp.importance.RandomImportance(), pruning_ratio=0.4,
+                         global_pruning=not name.startswith("vit"), **pruning_kwargs(model)).step()
+    if hasattr(model, "zoo_arch"):
+        from nn.models import family_of
+        family_of(model).after_pruning(model)
+    assert counter() == count_macs_params(model, x)[0]
+    assert counter.params() == count_macs_params(model, x)[1]
+
+
+def test_progressive_pruning_reaches_target_with_at_most_one_step_overshoot(tmp_path):
+    model = _trained_like("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    base = count_macs_params(model, x[:1])[0]
+    result = progressive_prune(model, 2.0, _method("group_l2_max"), x)
+    reference = base / count_macs_params(model, x[:1])[0]
+    assert result.speed_up == pytest.approx(reference) and result.speed_up >= 2.0
+    assert result.history[-2]["speed_up"] < 2.0 <= result.history[-1]["speed_up"]
+    assert [h["step"] for h in result.history] == list(range(result.steps + 1))
+    assert model.fc.out_features == 10  # the classifier keeps its outputs
+    out = model(x)
+    out.sum().backward()
+    save_model(tmp_path / "pruned.pt", model)
+    loaded, _ = load_model(tmp_path / "pruned.pt")
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_speed_up_is_relative_to_the_unpruned_network():
+    model = _trained_like("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    base = count_macs_params(model, x)[0]
+    first = progressive_prune(model, 1.3, _method("l1"), x)
+    second = progressive_prune(model, 1.8, _method("l1"), x, base_macs=base)
+    assert first.speed_up >= 1.3 and second.speed_up >= 1.8
+    assert second.speed_up == pytest.approx(base / count_macs_params(model, x)[0])
+    assert progressive_prune(model, 1.5, _method("l1"), x, base_macs=base).steps == 0  # already there
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_prunes_a_tiny_model(name):
+    model = _trained_like("resnet8")
+    x = torch.randn(2, 3, 16, 16)
+    method = _method(name)
+    calibrate = None
+    if method.needs_gradients:
+        splits = build_datasets({"name": "synthetic", "num_train": 32, "num_test": 8, "image_size": 16, "val_size": 0.25})
+        loader = build_loaders(splits, batch_size=8)["train"]
+        calibrate = loss_gradients(method, lambda: iter(loader), torch.device("cpu"))
+    result = progressive_prune(model, 1.25, method, x, steps=20, calibrate=calibrate)
+    assert result.speed_up >= 1.25 and model(x).shape == (2, 10)
+
+
+def test_unreachable_target_fails_early_and_leaves_the_model_alone():
+    model = _trained_like("resnet8")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="unreachable.*Choose a smaller target"):
+        progressive_prune(model, 1000.0, _method("group_l2_max"), torch.randn(1, 3, 32, 32))
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_gradient_methods_need_data_and_unknown_criteria_are_listed():
+    with pytest.raises(PruningError, match="needs gradients"):
+        progressive_prune(_trained_like("resnet8"), 1.5, _method("taylor"), torch.randn(1, 3, 32, 32))
+    with pytest.raises(UnknownNameError, match="group_magnitude"):
+        build_method({"importance": "l3"})

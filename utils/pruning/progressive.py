@@ -1,0 +1,155 @@
+"""Progressive structural pruning to a target speed-up with Torch-Pruning groups (DESIGN.md section 6).
+
+Global pruning with a linear schedule of ``steps`` small steps towards ratio 1.0 and no per-layer cap;
+the classifier keeps its outputs. After every step the speed-up ``base_macs / macs`` is recomputed with
+the exact fast counter, and pruning stops at the first step that reaches the target: the result is never
+below the target and overshoots by at most one step. ``base_macs`` is the *unpruned* network's count, so a
+network that was already initially pruned is measured against its original.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from utils.pruning.macs import MacCounter
+from utils.pruning.methods import PruningMethod
+
+log = logging.getLogger(__name__)
+
+
+class PruningError(ValueError):
+    """The requested pruning cannot be done (e.g. an unreachable speed-up)."""
+
+
+@dataclass
+class PruneResult:
+    speed_up: float
+    macs: int
+    base_macs: int
+    params: int
+    steps: int
+    seconds: float
+    history: List[Dict[str, float]] = field(default_factory=list)  # per step: step, macs, speed_up
+
+
+def pruning_kwargs(model: torch.nn.Module) -> Dict[str, Any]:
+    """Arguments that keep a zoo model describable (classifier ignored, ViT heads kept whole)."""
+    if hasattr(model, "zoo_arch"):
+        from nn.models import family_of
+
+        return family_of(model).pruning_kwargs(model)
+    last_linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    return {"ignored_layers": last_linear}
+
+
+def _after_pruning(model: torch.nn.Module) -> None:
+    if hasattr(model, "zoo_arch"):
+        from nn.models import family_of
+
+        family_of(model).after_pruning(model)
+
+
+def build_pruner(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor, steps: int,
+                 max_ratio: float = 1.0) -> tp.pruner.BasePruner:
+    return method.pruner_cls(
+        model, example_input, importance=method.importance, global_pruning=method.global_pruning,
+        pruning_ratio=1.0, iterative_steps=steps, max_pruning_ratio=max_ratio,
+        **pruning_kwargs(model), **method.pruner_kwargs,
+    )
+
+
+def max_speed_up(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor, base_macs: int) -> float:
+    """Estimate of the largest reachable speed-up: one step pruning every group by 95% (on a copy).
+
+    (Torch-Pruning skips a group entirely when the step would empty it, hence not 100%.)"""
+    probe = copy.deepcopy(model)
+    pruner = tp.pruner.BasePruner(probe, example_input, importance=tp.importance.GroupMagnitudeImportance(),
+                                  global_pruning=False, pruning_ratio=0.95, iterative_steps=1,
+                                  max_pruning_ratio=1.0, **pruning_kwargs(probe))
+    pruner.step()
+    _after_pruning(probe)
+    return base_macs / MacCounter(probe, example_input)()
+
+
+def loss_gradients(method: PruningMethod, batches: Callable[[], Any], device: torch.device) -> Callable:
+    """A ``calibrate(model)`` that fills the gradients a data-driven criterion (Taylor, Hessian) reads."""
+
+    def calibrate(model: torch.nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        imp = method.importance
+        if method.per_sample_gradients:
+            imp.zero_grad()
+        for i, (x, y) in enumerate(batches()):
+            if i >= method.calibration_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            if method.per_sample_gradients:  # Torch-Pruning's Hessian estimate accumulates per-sample grads
+                for j in range(min(len(x), 32)):
+                    model.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x[j:j + 1]), y[j:j + 1]).backward()
+                    imp.accumulate_grad(model)
+            else:
+                F.cross_entropy(model(x), y).backward()
+
+    return calibrate
+
+
+def progressive_prune(
+    model: torch.nn.Module,
+    target_speed_up: float,
+    method: PruningMethod,
+    example_input: torch.Tensor,
+    base_macs: Optional[int] = None,
+    steps: int = 200,
+    calibrate: Optional[Callable[[torch.nn.Module], None]] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> PruneResult:
+    """Prune ``model`` in place until ``base_macs / macs >= target_speed_up``; see the module docstring.
+
+    Args:
+        calibrate: called before each step for criteria that need gradients (see :func:`loss_gradients`).
+        on_step: called after each step with (step, speed-up), e.g. to record an accuracy curve.
+    """
+    t0 = time.time()
+    example_input = example_input[:1]
+    counter = MacCounter(model, example_input)
+    macs = counter()
+    base_macs = int(base_macs or macs)
+    history = [{"step": 0, "macs": macs, "speed_up": base_macs / macs}]
+    if base_macs / macs >= target_speed_up:
+        return PruneResult(base_macs / macs, macs, base_macs, counter.params(), 0, time.time() - t0, history)
+    if method.needs_gradients and calibrate is None:
+        raise PruningError(f"method {method.name} needs gradients from data: pass calibrate=loss_gradients(...)")
+    reachable = max_speed_up(model, method, example_input, base_macs)
+    if target_speed_up > reachable:
+        raise PruningError(
+            f"a {target_speed_up:g}x speed-up is unreachable for this network: even removing 95% of every group's "
+            f"channels gives only {reachable:.2f}x (relative to {base_macs / 1e6:.2f} M MACs). "
+            "Choose a smaller target.")
+    model.eval()
+    pruner = build_pruner(model, method, example_input, steps)
+    for step in range(1, steps + 1):
+        if calibrate is not None:
+            calibrate(model)
+        pruner.step()
+        _after_pruning(model)
+        macs = counter()
+        history.append({"step": step, "macs": macs, "speed_up": base_macs / macs})
+        if on_step is not None:
+            on_step(step, base_macs / macs)
+        if base_macs / macs >= target_speed_up:
+            break
+    else:
+        raise PruningError(f"the {steps}-step schedule ended at {base_macs / macs:.2f}x, below the "
+                           f"{target_speed_up:g}x target; the network was changed in place: restart from its checkpoint")
+    model.zero_grad(set_to_none=True)
+    log.info("pruned to %.3fx (%d steps, %.2f M MACs) with %s in %.2fs", base_macs / macs, step, macs / 1e6,
+             method.name, time.time() - t0)
+    return PruneResult(base_macs / macs, macs, base_macs, counter.params(), step, time.time() - t0, history)
