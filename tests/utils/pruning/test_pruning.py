@@ -51,7 +51,7 @@ def test_fast_mac_counter_equals_torch_pruning_before_and_after_pruning(name):
 
 
 def test_progressive_pruning_reaches_target_with_at_most_one_step_overshoot(tmp_path):
-    model = _trained_like("resnet20")
+    model = _trained_like("resnet8")
     x = torch.randn(4, 3, 32, 32)
     base = count_macs_params(model, x[:1])[0]
     result = progressive_prune(model, 2.0, _method("group_l2_max"), x)
@@ -68,7 +68,7 @@ def test_progressive_pruning_reaches_target_with_at_most_one_step_overshoot(tmp_
 
 
 def test_speed_up_is_relative_to_the_unpruned_network():
-    model = _trained_like("resnet20")
+    model = _trained_like("resnet8")
     x = torch.randn(1, 3, 32, 32)
     base = count_macs_params(model, x)[0]
     first = progressive_prune(model, 1.3, _method("l1"), x)
