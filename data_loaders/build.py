@@ -63,11 +63,12 @@ def build_datasets(cfg: Mapping[str, Any]) -> DatasetSplits:
 
 def build_loaders(splits: DatasetSplits, batch_size: int, eval_batch_size: int | None = None,
                   num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> Dict[str, DataLoader]:
-    """DataLoaders ``{"train", "val", "test"}`` for ``splits``.
+    """DataLoaders ``{"train", "val", "test", "train_eval"}`` for ``splits``.
 
     ``train`` is shuffled by a generator seeded with ``seed`` (same seed -> same batch order; with
     workers, the generator also seeds each worker's augmentation RNG) and keeps its last partial batch.
-    ``val``/``test`` are not shuffled and use ``eval_batch_size`` (default: ``batch_size``).
+    ``val``/``test`` are not shuffled and use ``eval_batch_size`` (default: ``batch_size``); ``train_eval``
+    is the training split with the eval transform, for measuring training accuracy and loss.
     Workers persist across epochs when ``num_workers > 0`` so they are not re-forked every epoch.
     With ``num_workers=0`` augmentation draws from the global torch RNG: seed it for exact repeats.
     """
@@ -80,4 +81,6 @@ def build_loaders(splits: DatasetSplits, batch_size: int, eval_batch_size: int |
                             generator=torch.Generator().manual_seed(seed), **common),
         "val": DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, **common),
         "test": DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common),
+        "train_eval": DataLoader(TransformedSubset(splits.train.base, splits.train.indices, splits.val.transform),
+                                 batch_size=eval_batch_size, shuffle=False, **common),
     }

@@ -12,12 +12,26 @@ from typing import Any, Callable, Dict, IO, Iterable
 import torch
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def make_tempfile(path: Path) -> str:
+    """A temporary file next to ``path`` with the permissions a normal ``open(path, "w")`` would give."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, _umask_mode())  # mkstemp creates 0600 files
+    return tmp
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = make_tempfile(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -10,59 +10,33 @@ import logging
 import time
 from typing import Any, Dict
 
-import torch
-import torch_pruning as tp
 from omegaconf import DictConfig, OmegaConf
 
-from data_loaders import build_datasets, build_loaders
-from nn.models import create_model, describe_model
 from utils.checkpoint import save_model
 from utils.io import atomic_write_json
 from utils.plotting import plot_history
+from utils.pruning.macs import MacCounter
 from utils.run_modes import RUN_MODES, prepare_run
-from utils.train import evaluate, fit
+from utils.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 
 log = logging.getLogger(__name__)
-
-
-def count_macs_params(model: torch.nn.Module, in_channels: int, image_size: int, device: torch.device) -> Dict[str, int]:
-    """MACs and parameter count at the data set's input size (Torch-Pruning's counter, as for speed-ups)."""
-    was_training = model.training
-    example = torch.zeros(1, in_channels, image_size, image_size, device=device)
-    macs, params = tp.utils.count_ops_and_params(model.eval(), example)
-    model.train(was_training)
-    return {"macs": int(macs), "params": int(params)}
 
 
 @RUN_MODES.register("pretrain")
 def pretrain(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
     t0 = time.time()
-    splits = build_datasets(cfg.dataset)
-    loaders = build_loaders(
-        splits, batch_size=int(cfg.task.batch_size), eval_batch_size=int(cfg.task.eval_batch_size),
-        num_workers=int(cfg.num_workers), seed=int(cfg.seed), pin_memory=ctx.device.type == "cuda",
-    )
-    model_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    model = create_model(cfg.model.name, num_classes=splits.num_classes, **model_kwargs).to(ctx.device)
-    schedule = cfg.task.schedules.pretrain
-    fingerprint = {
-        "arch": describe_model(model), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-        "schedule": OmegaConf.to_container(schedule, resolve=True), "batch_size": cfg.task.batch_size,
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True), "seed": cfg.seed, "limits": vars(ctx.limits),
-    }
-    result = fit(
-        model, loaders, schedule, cfg.optim, ctx.device, run_dir=ctx.run_dir, name="pretrain", resume=cfg.resume,
-        limits=ctx.limits, seed=int(cfg.seed), progress=bool(cfg.progress), fingerprint=fingerprint,
-    )
+    splits, loaders = data_for(cfg, ctx)
+    model = new_model(cfg, splits.num_classes, int(cfg.seed), ctx.device)
+    result = train_stage(cfg, ctx, model, loaders, "pretrain", ctx.run_dir, int(cfg.seed))
     # The test split is looked at exactly once, after selection on the validation split.
-    test = evaluate(model, loaders["test"], ctx.device, ctx.limits.eval_batches)
+    test = evaluate_splits(model, loaders, ctx, names=("test",))
+    counter = MacCounter(model, example_input(splits, ctx.device))
     metrics = {
         "run": "pretrain", "task": cfg.task.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
         "seed": int(cfg.seed), "device": str(ctx.device), "epochs_run": len(result.history),
         "selected_epoch": result.selected_epoch, "val_acc": result.selected_val.get("acc"),
-        "val_loss": result.selected_val.get("loss"), "test_acc": test["acc"], "test_loss": test["loss"],
-        **count_macs_params(model, splits.in_channels, splits.image_size, ctx.device),
+        "val_loss": result.selected_val.get("loss"), **test, "macs": counter(), "params": counter.params(),
         "train_seconds": result.seconds, "total_seconds": time.time() - t0,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -70,5 +44,6 @@ def pretrain(cfg: DictConfig) -> Dict[str, Any]:
     atomic_write_json(metrics, ctx.run_dir / "metrics.json")
     plot_history(result.history, ctx.run_dir / "pretrain_history.png", title=f"{cfg.model.name} on {cfg.dataset.name}")
     log.info("pretrain done: val acc %.2f (epoch %d), test acc %.2f, %.2f M MACs -> %s",
-             metrics["val_acc"], result.selected_epoch, test["acc"], metrics["macs"] / 1e6, ctx.run_dir / "model.pt")
+             metrics["val_acc"], result.selected_epoch, metrics["test_acc"], metrics["macs"] / 1e6,
+             ctx.run_dir / "model.pt")
     return metrics

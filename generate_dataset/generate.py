@@ -1,0 +1,119 @@
+"""``run=generate`` (``python -m generate_dataset``): produce the data models of one task, one shard at a time.
+
+Shard ``index`` makes the data models of slots ``index * num ... index * num + num - 1``. For each slot:
+train from scratch (``task.schedules.pretrain``), prune progressively to ``task.pruning.initial_speed_up``
+with the criterion of ``method``, fine-tune (``task.schedules.finetune_initial``), measure train and
+validation accuracy and loss, and append the result to ``<data_models_dir>/shard_<index>.h5``.
+
+Resuming: finished slots are in the shard file and are skipped; an unfinished slot continues from its own
+work folder (``work/slot<k>/``: the stage checkpoints of ``fit`` and the pruned network), which is deleted
+once the slot is stored (``resume=false`` restarts unfinished slots but never discards finished ones). Shards with different ``index`` can run side by side (one process per GPU, or
+several on a CPU): they share nothing but the read-only data set.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data_loaders.data_models import DataModelRecord, ShardWriter
+from nn.models import describe_model
+from utils.checkpoint import load_model, save_model
+from utils.io import atomic_write_json
+from utils.pruning.macs import MacCounter
+from utils.pruning.methods import build_method
+from utils.pruning.progressive import loss_gradients, progressive_prune
+from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
+from utils.stages import data_for, evaluate_splits, example_input, new_model, train_stage
+
+log = logging.getLogger(__name__)
+
+
+def slot_seed(seed: int, slot: int) -> int:
+    """Seed of data-model slot ``slot`` (distinct per slot, reproducible, shared by every shard layout)."""
+    return 1000 * int(seed) + int(slot)
+
+
+def store_header(cfg: DictConfig) -> Dict[str, Any]:
+    """What every file of a data-model store must agree on."""
+    return {"task": cfg.task.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
+            "num_classes": int(cfg.dataset.num_classes)}
+
+
+def make_data_model(cfg: DictConfig, ctx: RunContext, slot: int, splits, loaders, work: Path) -> DataModelRecord:
+    """Train, prune and fine-tune the data model of ``slot``, resumable through ``work``."""
+    seed = slot_seed(cfg.seed, slot)
+    example = example_input(splits, ctx.device)
+    method = build_method(cfg.method)
+    pruned_path = work / "pruned.pt"
+    timings: Dict[str, float] = {}
+    reference = new_model(cfg, splits.num_classes, seed, ctx.device)  # the unpruned architecture
+    base = MacCounter(reference, example)
+    base_macs, base_params = base(), base.params()
+    if pruned_path.exists():  # pretraining and pruning already done before an interruption
+        model, payload = load_model(pruned_path)
+        model.to(ctx.device)
+        prune_info, timings = dict(payload["prune"]), dict(payload["timings"])
+    else:
+        model = reference
+        t = time.time()
+        train_stage(cfg, ctx, model, loaders, "pretrain", work, seed)
+        timings["pretrain_s"] = time.time() - t
+        t = time.time()
+        calibrate = (loss_gradients(method, lambda: iter(loaders["train"]), ctx.device)
+                     if method.needs_gradients else None)
+        result = progressive_prune(model, float(cfg.task.pruning.initial_speed_up), method, example,
+                                   base_macs=base_macs, calibrate=calibrate)
+        timings["prune_s"] = time.time() - t
+        prune_info = {"speed_up": result.speed_up, "macs": result.macs, "steps": result.steps}
+        save_model(pruned_path, model, prune=prune_info, timings=timings)
+    t = time.time()
+    train_stage(cfg, ctx, model, loaders, "finetune_initial", work, seed)
+    timings["finetune_s"] = time.time() - t
+    metrics = evaluate_splits(model, loaders, ctx)
+    counter = MacCounter(model, example)
+    info = {
+        "slot": slot, "seed": seed, **metrics, "speed_up": base_macs / counter(), "macs": counter(),
+        "base_macs": base_macs, "params": counter.params(), "base_params": base_params,
+        "prune_steps": prune_info["steps"], "timings": timings, "task": cfg.task.name, "method": cfg.method.name,
+        "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "dataset", "optim", "method")},
+    }
+    log.info("slot %d: train acc %.2f, val acc %.2f, %.3fx", slot, info["train_acc"], info["val_acc"], info["speed_up"])
+    model.cpu()
+    return DataModelRecord(slot, describe_model(model), info, model.state_dict())
+
+
+@RUN_MODES.register("generate")
+def generate(cfg: DictConfig) -> Dict[str, Any]:
+    ctx = prepare_run(cfg)
+    index = int(cfg.index if cfg.get("index") is not None else 0)
+    num = int(cfg.num if cfg.get("num") is not None else cfg.task.data_models.num)
+    if index < 0 or num < 1:
+        raise ConfigError(f"index={index}, num={num}: a shard needs index >= 0 and num >= 1, e.g. index=0 num=4")
+    store = Path(cfg.data_models_dir)
+    writer = ShardWriter(store / f"shard_{index:03d}.h5", store_header(cfg))
+    done = set(writer.finished_slots())
+    slots = range(index * num, index * num + num)
+    log.info("shard %d: slots %d-%d, %d already stored in %s", index, slots[0], slots[-1],
+             len(done & set(slots)), writer.path)
+    splits, loaders = data_for(cfg, ctx)
+    t0 = time.time()
+    for slot in tqdm(slots, desc=f"shard {index}", disable=not cfg.progress):
+        if slot in done:
+            continue
+        work = store / "work" / f"slot{slot:05d}"
+        if not cfg.resume:  # start the unfinished slot over; finished slots are results and are kept
+            shutil.rmtree(work, ignore_errors=True)
+        record = make_data_model(cfg, ctx, slot, splits, loaders, work)
+        writer.append(record)
+        shutil.rmtree(work, ignore_errors=True)
+    if (store / "work").is_dir() and not any((store / "work").iterdir()):
+        (store / "work").rmdir()
+    summary = {"shard": str(writer.path), "slots": writer.finished_slots(), "seconds": time.time() - t0}
+    atomic_write_json(summary, ctx.run_dir / "generate_summary.json")
+    return summary
