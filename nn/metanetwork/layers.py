@@ -1,0 +1,134 @@
+"""One message-passing layer of the metanetwork, in two implementations with the same parameters.
+
+Update rule (DESIGN.md section 4). Nodes ``h`` ``(N, H)``, edges ``e`` ``(E, H)``, ``edge_index`` ``(2, E)``
+(row 0 = producer/source, row 1 = consumer/target)::
+
+    hn, en = LayerNorm(h), LayerNorm(e)                     # no affine parameters
+    # pass along the edges (s -> t) and against them (t -> s) with the same weights; the reverse pass
+    # flips the sign of the second half of the edge channels so the two directions stay distinguishable:
+    #   e_fwd = en,   e_bwd = en * sign,   sign = (+1,...,+1, -1,...,-1)
+    m_e   = act(msg([hn_source, hn_target, e_dir]))        # (E, H), msg: Linear(3H -> H)
+    a     = [mean, std, max, min] of m_e over the target    # (N, 4H); an empty segment gives 0
+    h_new = h + post(a_fwd) + post(a_bwd)                   # post: Linear(4H -> H)
+    u     = act(gate_src(hn_source)) * act(gate_dst(hn_target)) * e_dir
+    e_new = e + u_fwd + sign * u_bwd
+
+:class:`EdgeMessageLayer` is the fast version; :class:`PyGEdgeMessageLayer` is the straightforward PyTorch
+Geometric ``MessagePassing`` version, kept as the reference it is tested and benchmarked against. Both
+have the parameters ``msg``, ``post``, ``gate_src``, ``gate_dst``, so one state dict loads into either.
+
+What makes the fast version fast (and small):
+
+* Linear maps of node states are applied to the ``N`` nodes before gathering to the ``E`` edges
+  (``(W hn)[src]`` instead of ``W (hn[src])``): only the edge part of ``msg`` is an ``E x H x H`` product,
+  and the two halves of the edge channels are multiplied separately, ``p1 +/- p2`` giving both directions.
+* :class:`FusedPNA` applies the activation and the four aggregations in one autograd node that saves only
+  its input: the activation output, ``m^2`` and max/min masks are recomputed in backward, and the gradient
+  of mean/std/max/min is one fused expression ``A[t] + B[t] * m + max/min terms`` built from node-level
+  coefficients. :class:`EdgeGate` does the same for the edge update. Autograd would otherwise keep about
+  six more ``(E, H)`` tensors per direction and layer and run many more passes over them.
+* Reductions are unsorted scatters (``index_add_`` / ``scatter_reduce_``) or torch_scatter, see
+  :mod:`nn.metanetwork.scatter`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.nn import MessagePassing
+
+from nn.metanetwork.fused import ACTIVATIONS, edge_pass
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name][0]
+
+
+def direction_sign(hidden_dim: int, device=None, dtype=None) -> Tensor:
+    """``(H,)``: +1 on the first half of the edge channels, -1 on the second half (reverse pass)."""
+    sign = torch.ones(hidden_dim, device=device, dtype=dtype)
+    sign[hidden_dim // 2:] = -1
+    return sign
+
+
+class _LayerParams:
+    """Mixin: the parameters shared by both implementations (same names, shapes and init)."""
+
+    hidden_dim: int
+    activation: str
+
+    def _build_params(self, hidden_dim: int, activation: str) -> None:
+        if hidden_dim < 2:
+            raise ValueError(f"hidden_dim must be >= 2 (half the edge channels flip sign), got {hidden_dim}")
+        get_activation(activation)
+        self.hidden_dim, self.activation = hidden_dim, activation
+        self.msg = torch.nn.Linear(3 * hidden_dim, hidden_dim)  # input [h_source, h_target, e]
+        self.post = torch.nn.Linear(4 * hidden_dim, hidden_dim)  # input [mean, std, max, min]
+        self.gate_src = torch.nn.Linear(hidden_dim, hidden_dim)
+        self.gate_dst = torch.nn.Linear(hidden_dim, hidden_dim)
+
+    def act(self, x: Tensor) -> Tensor:
+        return ACTIVATIONS[self.activation][0](x)
+
+    def extra_repr(self) -> str:
+        return f"hidden_dim={self.hidden_dim}, activation={self.activation}"
+
+
+class EdgeMessageLayer(_LayerParams, torch.nn.Module):
+    """Fast layer: ``(h (N, H), e (E, H), edge_index (2, E)) -> (h_new (N, H), e_new (E, H))``.
+
+    See the module docstring for the update rule and why it is fast. ``backend`` picks the scatter
+    implementation (None: torch_scatter when installed).
+    """
+
+    def __init__(self, hidden_dim: int, activation: str = "silu", backend: Optional[str] = None,
+                 block: Optional[int] = None) -> None:
+        torch.nn.Module.__init__(self)
+        self._build_params(hidden_dim, activation)
+        self.backend, self.block = backend, block
+
+    def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        H = self.hidden_dim
+        hn = F.layer_norm(h, (H,))
+        w_src, w_dst, w_edge = self.msg.weight.split(H, dim=1)  # (H, H) each
+        ps = F.linear(hn, w_src, self.msg.bias)  # (N, H): message term of the source node (+ bias)
+        pt = F.linear(hn, w_dst)  # (N, H): message term of the target node
+        a, b = self.act(self.gate_src(hn)), self.act(self.gate_dst(hn))  # (N, H): edge-update gates
+        agg_fwd, agg_bwd, e_new = edge_pass(e, ps, pt, a, b, w_edge, edge_index, self.activation,
+                                            self.backend, self.block)
+        return h + self.post(agg_fwd) + self.post(agg_bwd), e_new
+
+
+class PyGEdgeMessageLayer(_LayerParams, MessagePassing):
+    """Straightforward reference: a PyG ``MessagePassing`` layer with the same parameters and rule.
+
+    ``message`` / ``edge_update`` work on gathered ``(E, ...)`` tensors and autograd keeps every
+    intermediate; this is the implementation the fast layer is tested and benchmarked against.
+    """
+
+    def __init__(self, hidden_dim: int, activation: str = "silu") -> None:
+        MessagePassing.__init__(self, aggr=["mean", "std", "max", "min"], node_dim=0)
+        self._build_params(hidden_dim, activation)
+
+    def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        H = self.hidden_dim
+        hn, en = F.layer_norm(h, (H,)), F.layer_norm(e, (H,))
+        sign = direction_sign(H, e.device, e.dtype)
+        reverse = edge_index.flip(0)
+        h_new = h + self.propagate(edge_index, x=hn, e=en) + self.propagate(reverse, x=hn, e=en * sign)
+        u_fwd = self.edge_updater(edge_index, x=hn, e=en)
+        u_bwd = self.edge_updater(reverse, x=hn, e=en * sign)
+        return h_new, e + u_fwd + sign * u_bwd
+
+    def message(self, x_i: Tensor, x_j: Tensor, e: Tensor) -> Tensor:  # x_j: source, x_i: target
+        return self.act(self.msg(torch.cat([x_j, x_i, e], dim=-1)))
+
+    def update(self, aggr_out: Tensor) -> Tensor:  # (N, 4H) -> (N, H)
+        return self.post(aggr_out)
+
+    def edge_update(self, x_i: Tensor, x_j: Tensor, e: Tensor) -> Tensor:
+        return self.act(self.gate_src(x_j)) * self.act(self.gate_dst(x_i)) * e

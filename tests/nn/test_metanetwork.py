@@ -1,0 +1,295 @@
+"""The metanetwork: shapes, near-identity at init, equivariance, finiteness, gradients, implementations agree."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nn.metanetwork import GraphMetanetwork, build_metanetwork
+from nn.metanetwork import scatter as sc
+from nn.metanetwork.layers import EdgeMessageLayer, PyGEdgeMessageLayer
+from utils.convert.graph import NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, GraphLayout, NetworkGraph
+
+EDGE_DIMS = {"conv3x3": 9, "conv1x1": 1, "linear": 1, "identity": 1}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "metanetwork"
+ATOL = 1e-5  # float32 equivariance / implementation tolerance (summation order differs)
+
+
+def synthetic_graph(num_nodes: int = 40, seed: int = 0, num_isolated: int = 3) -> NetworkGraph:
+    """Random typed edges; nodes 0-3 are inputs (zero in-degree), the last ``num_isolated`` are isolated."""
+    g = torch.Generator().manual_seed(seed)
+    live = num_nodes - num_isolated
+    node_type = torch.full((num_nodes,), NODE_HIDDEN, dtype=torch.long)
+    node_type[:4] = NODE_INPUT
+    node_type[live - 5:live] = NODE_OUTPUT
+    counts = {"conv3x3": 120, "conv1x1": 30, "linear": 25, "identity": 10}
+    edge_index = {}
+    for t, count in counts.items():
+        src = torch.randint(0, live, (count,), generator=g)
+        dst = torch.randint(4, live, (count,), generator=g)  # inputs never receive an edge
+        edge_index[t] = torch.stack([src, dst])
+    layout = GraphLayout(num_nodes=num_nodes, node_type=node_type, node_slots=tuple(f"s{i}" for i in range(5)),
+                         node_fill=torch.zeros(5), edge_index=edge_index, edge_dims=dict(EDGE_DIMS),
+                         constant_edges={"identity": 1.0}, params=[], extras=[], state_keys=[])
+    edges = {t: torch.randn(counts[t], EDGE_DIMS[t], generator=g) for t in counts}
+    edges["identity"] = torch.ones(counts["identity"], 1)
+    return NetworkGraph(layout, torch.randn(num_nodes, 5, generator=g), edges, {})
+
+
+def make_meta(graph: NetworkGraph, **kw) -> GraphMetanetwork:
+    torch.manual_seed(0)
+    cfg = dict(hidden_dim=16, num_layers=3, node_ratio=0.01, edge_ratio=0.02)
+    cfg.update(kw)
+    return GraphMetanetwork.from_graph(graph, **cfg)
+
+
+def permuted(graph: NetworkGraph, perm: torch.Tensor) -> NetworkGraph:
+    """Node ``i`` of the result is node ``perm[i]`` of ``graph``; edges are relabelled, not reordered."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm))
+    lay = graph.layout
+    layout = GraphLayout(num_nodes=lay.num_nodes, node_type=lay.node_type[perm], node_slots=lay.node_slots,
+                         node_fill=lay.node_fill, edge_index={t: inv[ei] for t, ei in lay.edge_index.items()},
+                         edge_dims=lay.edge_dims, constant_edges=lay.constant_edges, params=[], extras=[],
+                         state_keys=[])
+    return NetworkGraph(layout, graph.node_features[perm], dict(graph.edge_features), {})
+
+
+def loss_of(out: NetworkGraph) -> torch.Tensor:
+    w = torch.Generator().manual_seed(1)
+    total = (out.node_features * torch.randn(out.node_features.shape, generator=w)).sum()
+    for t in sorted(out.edge_features):
+        total = total + (out.edge_features[t] * torch.randn(out.edge_features[t].shape, generator=w)).sum()
+    return total
+
+
+def test_shapes_every_edge_type():
+    graph = synthetic_graph()
+    out = make_meta(graph)(graph)
+    assert out.node_features.shape == graph.node_features.shape
+    assert set(out.edge_features) == set(EDGE_DIMS)
+    for t, f in graph.edge_features.items():
+        assert out.edge_features[t].shape == f.shape
+    assert torch.equal(out.edge_features["identity"], graph.edge_features["identity"])  # constant: unchanged
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.002])
+def test_near_identity_at_init(ratio):
+    graph = synthetic_graph()
+    out = make_meta(graph, node_ratio=ratio, edge_ratio=ratio)(graph)
+    # decoders read LayerNorm-ed states, so |dec| is O(1): the edit is at most a few times the ratio
+    assert (out.node_features - graph.node_features).abs().max() <= 5 * ratio
+    for t in graph.edge_features:
+        diff = (out.edge_features[t] - graph.edge_features[t]).abs().max()
+        assert diff <= 5 * ratio
+    assert (out.edge_features["conv3x3"] - graph.edge_features["conv3x3"]).abs().max() > 0
+
+
+def test_node_permutation_equivariance():
+    graph = synthetic_graph()
+    meta = make_meta(graph)
+    perm = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(3))
+    out, out_p = meta(graph), meta(permuted(graph, perm))
+    torch.testing.assert_close(out_p.node_features, out.node_features[perm], atol=ATOL, rtol=0)
+    for t in graph.edge_features:  # edges were relabelled in place, so edge rows correspond 1:1
+        torch.testing.assert_close(out_p.edge_features[t], out.edge_features[t], atol=ATOL, rtol=0)
+
+
+def test_edge_order_invariance():
+    graph = synthetic_graph()
+    meta = make_meta(graph)
+    g = torch.Generator().manual_seed(4)
+    perms = {t: torch.randperm(f.shape[0], generator=g) for t, f in graph.edge_features.items()}
+    lay = graph.layout
+    shuffled = NetworkGraph(
+        GraphLayout(num_nodes=lay.num_nodes, node_type=lay.node_type, node_slots=lay.node_slots,
+                    node_fill=lay.node_fill, edge_index={t: ei[:, perms[t]] for t, ei in lay.edge_index.items()},
+                    edge_dims=lay.edge_dims, constant_edges=lay.constant_edges, params=[], extras=[], state_keys=[]),
+        graph.node_features, {t: f[perms[t]] for t, f in graph.edge_features.items()}, {})
+    out, out_s = meta(graph), meta(shuffled)
+    torch.testing.assert_close(out_s.node_features, out.node_features, atol=ATOL, rtol=0)
+    for t in graph.edge_features:
+        torch.testing.assert_close(out_s.edge_features[t], out.edge_features[t][perms[t]], atol=ATOL, rtol=0)
+
+
+def test_isolated_and_source_nodes_are_finite():
+    graph = synthetic_graph(num_isolated=5)
+    meta = make_meta(graph)
+    out = meta(graph)
+    assert torch.isfinite(out.node_features).all()
+    assert all(torch.isfinite(f).all() for f in out.edge_features.values())
+    loss_of(out).backward()
+    assert all(torch.isfinite(p.grad).all() for p in meta.parameters())
+    # a graph with no edges at all still works
+    h, e = EdgeMessageLayer(8)(torch.randn(5, 8), torch.zeros(0, 8), torch.zeros(2, 0, dtype=torch.long))
+    assert torch.isfinite(h).all() and e.shape == (0, 8)
+
+
+def test_gradients_reach_every_parameter():
+    graph = synthetic_graph()
+    meta = make_meta(graph)
+    loss_of(meta(graph)).backward()
+    for name, p in meta.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "tanh"])
+def test_fast_layer_matches_pyg_reference(activation):
+    torch.manual_seed(0)
+    n, e, hdim = 30, 200, 8
+    h = torch.randn(n, hdim, dtype=torch.double, requires_grad=True)
+    x = torch.randn(e, hdim, dtype=torch.double, requires_grad=True)
+    index = torch.randint(0, n - 4, (2, e))  # the last 4 nodes are isolated
+    index = torch.cat([index, index[:, :5]], dim=1)  # duplicate edges: exact max/min ties
+    x = torch.cat([x, x[:5]])
+    fast = EdgeMessageLayer(hdim, activation).double()
+    ref = PyGEdgeMessageLayer(hdim, activation).double()
+    ref.load_state_dict(fast.state_dict())
+    outs_f, outs_r = fast(h, x, index), ref(h, x, index)
+    weights = [torch.randn_like(o) for o in outs_f]
+    inputs_f = [h] + list(fast.parameters())
+    grads_f = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs_f, weights)), inputs_f)
+    grads_r = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs_r, weights)), [h] + list(ref.parameters()))
+    for a, b in zip(outs_f + tuple(grads_f), outs_r + tuple(grads_r)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_fast_model_matches_pyg_model_float32():
+    graph = synthetic_graph()
+    fast, ref = make_meta(graph), make_meta(graph, layer="pyg")
+    ref.load_state_dict(fast.state_dict())
+    out_f, out_r = fast(graph), ref(graph)
+    loss_of(out_f).backward()
+    loss_of(out_r).backward()
+    torch.testing.assert_close(out_f.node_features, out_r.node_features, atol=ATOL, rtol=0)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "tanh"])
+def test_edge_pass_gradcheck(activation):
+    """The blocked custom Function (several blocks, tied max/min, empty segments) against finite differences."""
+    from nn.metanetwork.fused import EdgePass
+
+    torch.manual_seed(0)
+    n, hdim = 10, 4
+    index = torch.randint(0, 8, (2, 30))  # nodes 8 and 9 are isolated: empty segments both ways
+    index = torch.cat([index, index[:, :4]], dim=1)  # duplicate edges: exact ties of max and min
+    e = torch.randn(30, hdim, dtype=torch.double)
+    e = torch.cat([e, e[:4]]).requires_grad_()
+    ps, pt, a, b = (torch.randn(n, hdim, dtype=torch.double, requires_grad=True) for _ in range(4))
+    weight = torch.randn(hdim, hdim, dtype=torch.double, requires_grad=True)
+
+    def fn(*tensors):
+        return EdgePass.apply(*tensors, index[0], index[1], n, activation, "torch", 7, True)  # 5 blocks
+
+    assert torch.autograd.gradcheck(fn, (e, ps, pt, a, b, weight), fast_mode=True)
+
+
+@pytest.mark.parametrize("block", [1, 16, None])
+def test_blocks_do_not_change_the_result(block):
+    torch.manual_seed(0)
+    n, e, hdim = 30, 200, 8
+    h = torch.randn(n, hdim, dtype=torch.double, requires_grad=True)
+    x = torch.randn(e, hdim, dtype=torch.double, requires_grad=True)
+    index = torch.randint(0, n - 4, (2, e))
+    blocked, ref = EdgeMessageLayer(hdim, block=block).double(), PyGEdgeMessageLayer(hdim).double()
+    ref.load_state_dict(blocked.state_dict())
+    outs_f, outs_r = blocked(h, x, index), ref(h, x, index)
+    weights = [torch.randn_like(o) for o in outs_f]
+    grads_f = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs_f, weights)), [h, x] + list(blocked.parameters()))
+    grads_r = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs_r, weights)), [h, x] + list(ref.parameters()))
+    for a, b in zip(outs_f + tuple(grads_f), outs_r + tuple(grads_r)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_scatter_reductions_plain_torch():
+    x = torch.tensor([[1.0], [3.0], [-2.0], [5.0]])
+    index = torch.tensor([0, 0, 2, 2])  # node 1 is empty
+    assert sc.segment_mean(x, index, 3, "torch").flatten().tolist() == [2.0, 0.0, 1.5]
+    assert sc.segment_max(x, index, 3, "torch").flatten().tolist() == [3.0, 0.0, 5.0]
+    assert sc.segment_min(x, index, 3, "torch").flatten().tolist() == [1.0, 0.0, -2.0]
+    torch.testing.assert_close(sc.segment_std(x, index, 3, "torch").flatten(), torch.tensor([1.0, 0.0, 3.5]))
+
+
+def test_torch_scatter_matches_plain_torch():
+    pytest.importorskip("torch_scatter")
+    graph = synthetic_graph()
+    plain, fast_ts = make_meta(graph, backend="torch"), make_meta(graph, backend="torch_scatter")
+    out_p, out_t = plain(graph), fast_ts(graph)
+    loss_of(out_p).backward()
+    loss_of(out_t).backward()
+    torch.testing.assert_close(out_t.node_features, out_p.node_features, atol=ATOL, rtol=0)
+    for p, q in zip(plain.parameters(), fast_ts.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", ["fast", "pyg"])
+def test_checkpointing_gives_same_outputs_and_gradients(layer):
+    graph = synthetic_graph()
+    plain, ckpt = make_meta(graph, layer=layer), make_meta(graph, layer=layer, checkpoint=True)
+    out_p, out_c = plain(graph), ckpt(graph)
+    loss_of(out_p).backward()
+    loss_of(out_c).backward()
+    torch.testing.assert_close(out_c.node_features, out_p.node_features, atol=1e-6, rtol=0)
+    for p, q in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_forward_features_matches_forward():
+    graph = synthetic_graph()
+    meta = make_meta(graph)
+    x, edges = meta.forward_features(graph.node_features, graph.edge_index, graph.edge_features, graph.node_type)
+    out = meta(graph)
+    assert torch.equal(x, out.node_features)
+    assert all(torch.equal(edges[t], out.edge_features[t]) for t in edges)
+
+
+def test_build_from_config_files():
+    from omegaconf import OmegaConf
+    graph = synthetic_graph()
+    assert build_metanetwork(OmegaConf.load(CONFIGS / "none.yaml"), graph) is None
+    meta = build_metanetwork(OmegaConf.load(CONFIGS / "resnet56.yaml"), graph)
+    assert (meta.num_layers, meta.hidden_dim, meta.edge_ratio) == (8, 64, 0.01)
+    assert set(meta.edge_dec) == {"conv3x3", "conv1x1", "linear"}  # no decoder for the constant type
+    with pytest.raises(KeyError, match="hidden_dims"):
+        build_metanetwork({"name": "graph_metanetwork", "hidden_dims": 3}, graph)
+
+
+def test_equivariance_on_a_converted_resnet8():
+    """Permute the channels of ``layer1.0.conv1`` in the network (function-preserving: conv1 rows, bn1, conv2
+    columns); the metanetwork's output network must be the equally permuted output network."""
+    convert = pytest.importorskip("utils.convert")
+    from nn.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet8").eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    graph = convert.model_to_graph(model)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(5))
+    block = model.layer1[0]
+    with torch.no_grad():
+        block.conv1.weight.copy_(block.conv1.weight[perm])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(block.bn1, name).copy_(getattr(block.bn1, name)[perm])
+        block.conv2.weight.copy_(block.conv2.weight[:, perm])
+    graph_p = convert.model_to_graph(model)
+    meta = make_meta(graph, hidden_dim=16, num_layers=2)
+    with torch.no_grad():
+        state = convert.graph_to_state_dict(meta(graph))
+        state_p = convert.graph_to_state_dict(meta(graph_p))
+    expected = dict(state)
+    expected["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][perm]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        expected[f"layer1.0.bn1.{name}"] = state[f"layer1.0.bn1.{name}"][perm]
+    expected["layer1.0.conv2.weight"] = state["layer1.0.conv2.weight"][:, perm]
+    assert state_p.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(state_p[key], expected[key], atol=ATOL, rtol=0, msg=key)
+    # and the edit is real: the output network differs from the input network
+    assert (state["layer1.0.conv2.weight"] - model.state_dict()["layer1.0.conv2.weight"][:, perm.argsort()]).abs().max() > 0
