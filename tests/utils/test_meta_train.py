@@ -1,0 +1,132 @@
+"""Meta-training: the single-VJP meta-gradient is exact; runs resume; NaNs are contained; visualize caches."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from hydra import compose, initialize_config_dir
+
+import utils.meta_train as mt
+import utils.visualize as vis
+from utils.checkpoint import CheckpointError
+from utils.convert import graph_to_state_dict
+from utils.io import read_json
+from utils.run_modes import RunContext, dispatch
+from utils.train import Limits
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_test=16", "dataset.image_size=16", "model=resnet8",
+        "debug=smoke", "debug.max_epochs=2", "resume=true", "progress=false", "threads=1", "metanetwork.num_layers=2",
+        "metanetwork.hidden_dim=8", "task.meta_train.batch_size=16", "task.meta_train.batches_per_step=2",
+        "task.meta_train.epochs=2", "task.visualize.max_speed_up=1.8", "task.visualize.eval_every=4"]
+
+
+def _cfg(root, *overrides, name="main"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(name, overrides=[*TINY, f"paths.root_dir={root}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta")
+    dispatch(_cfg(root, "num=4", name="generate_dataset"))  # 3 training + 1 validation data models
+    return root
+
+
+def _trainer(cfg):
+    ctx = RunContext(torch.device("cpu"), Path(cfg.run_dir), Limits())
+    data = mt.load_data_models(cfg, "train")
+    torch.manual_seed(0)
+    metanet = mt.build_metanetwork(cfg.metanetwork, data[0].graph)
+    return mt.MetaTrainer(cfg, ctx, metanet, torch.zeros(1, 3, 16, 16)), metanet, data[0]
+
+
+@pytest.mark.parametrize("reg", [0.0, 10.0])
+def test_single_vjp_equals_backpropagating_the_summed_loss(store, reg):
+    cfg = _cfg(store, f"task.meta_train.pruner_reg={reg}")
+    trainer, metanet, item = _trainer(cfg)
+    torch.manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))) for _ in range(2)]
+    # Perturb the metanetwork's output so the edit is not negligible.
+    with torch.no_grad():
+        for p in metanet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.step(item, iter(batches))
+    fast = [p.grad.clone() for p in metanet.parameters()]
+    metanet.zero_grad()
+
+    # Direct: backpropagate sum_b CE(net_W(x_b)) + <sparsity gradient, W> through the metanetwork.
+    state = graph_to_state_dict(mt.apply_metanetwork(metanet, item.graph))
+    net = copy.deepcopy(item.model).eval()
+    loss = sum(F.cross_entropy(torch.func.functional_call(net, state, (x,)), y) for x, y in batches)
+    probe = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, value in probe.state_dict(keep_vars=True).items():
+            value.copy_(state[name])
+    for p in probe.parameters():
+        p.grad = torch.zeros_like(p)
+    pruner = tp.pruner.GroupNormPruner(probe, torch.zeros(1, 3, 16, 16), tp.importance.GroupMagnitudeImportance(normalizer=None),
+                                       reg=reg, alpha=16, ignored_layers=[probe.fc])
+    pruner.regularize(probe, alpha=16)
+    loss = loss + sum((p.grad.detach() * state[n]).sum() for n, p in probe.named_parameters())
+    loss.backward()
+    for a, b in zip(fast, (p.grad for p in metanet.parameters())):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(a.abs().sum() > 0 for a in fast)
+
+
+def test_meta_train_writes_checkpoints_and_resumes_bit_identically(store, monkeypatch):
+    full = _cfg(store, "run=meta_train", "run_name=full")
+    dispatch(full)
+    meta_dir = Path(full.meta_train_dir)
+    assert sorted(p.name for p in (meta_dir / "metanetwork").glob("*.pt")) == ["epoch_001.pt", "epoch_002.pt"]
+    for name in ("meta_losses.csv", "meta_val.csv", "meta_train.png", "meta_last.pt"):
+        assert (meta_dir / name).is_file()
+    assert len((meta_dir / "meta_losses.csv").read_text().splitlines()) == 1 + 2 * 3  # header + 2 epochs x 3 models
+
+    cut = _cfg(store, "run=meta_train", "run_name=cut")
+    real, calls = mt.MetaTrainer.step, []
+
+    def dies(self, item, batches):
+        calls.append(item.slot)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return real(self, item, batches)
+
+    monkeypatch.setattr(mt.MetaTrainer, "step", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        dispatch(cut)
+    monkeypatch.setattr(mt.MetaTrainer, "step", real)
+    dispatch(cut)  # resumes after epoch 1
+    a = torch.load(meta_dir / "metanetwork" / "epoch_002.pt", weights_only=True)["metanetwork"]
+    b = torch.load(Path(cut.meta_train_dir) / "metanetwork" / "epoch_002.pt", weights_only=True)["metanetwork"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="other settings"):
+        dispatch(_cfg(store, "run=meta_train", "run_name=cut", "task.meta_train.lr=0.5"))
+
+
+def test_non_finite_steps_are_skipped_then_stop(store, monkeypatch):
+    monkeypatch.setattr(mt.MetaTrainer, "step", lambda self, item, b: {"task_loss": float("nan"), "sparsity": 0.0,
+                                                                        "finite": False})
+    with pytest.raises(FloatingPointError, match="not finite"):
+        dispatch(_cfg(store, "run=meta_train", "run_name=nan", "task.meta_train.max_bad_steps=2"))
+    assert not (Path(_cfg(store, "run_name=nan").meta_train_dir) / "meta_last.pt").exists()
+
+
+def test_visualize_draws_cached_curves(store, monkeypatch):
+    dispatch(_cfg(store, "run=meta_train", "run_name=vis"))  # meta-train a metanetwork to visualise
+    cfg = _cfg(store, "run=visualize", "index=[0,2]", "run_name=vis")
+    result = dispatch(cfg)
+    run_dir = Path(cfg.run_dir)
+    assert (run_dir / "acc_vs_speed_up.png").is_file() and (run_dir / "acc_vs_speed_up.pdf").is_file()
+    for epoch in (0, 2):
+        points = read_json(run_dir / f"curve_epoch_{epoch:03d}.json")["points"]
+        assert points[-1]["speed_up"] >= 1.8 and all(0 <= p["val_acc"] <= 100 for p in points)
+        assert [p["speed_up"] for p in points] == sorted(p["speed_up"] for p in points)
+    assert set(result["curves"]) == {0, 2}
+    monkeypatch.setattr(vis, "curve", lambda *a, **k: pytest.fail("a cached curve was recomputed"))
+    dispatch(cfg)
+    with pytest.raises(CheckpointError, match="epoch_007.pt does not exist"):
+        dispatch(_cfg(store, "run=visualize", "index=[0,7]", "run_name=vis"))

@@ -1,0 +1,281 @@
+"""``run=meta_train``: train the metanetwork on the training data models (DESIGN.md section 5).
+
+One step per training data model (shuffled every epoch):
+
+1. ``W = graph_to_state_dict(metanetwork(graph))`` (differentiable in the metanetwork's parameters);
+2. ``W`` is copied into a *work copy* of the data model (eval mode: BatchNorm uses its stored statistics)
+   and ``dL/dW`` is accumulated over ``batches_per_step`` training batches by ordinary backward passes
+   through the network only;
+3. Torch-Pruning's ``GroupNormPruner.regularize`` adds the group-sparsity gradient to ``dL/dW``;
+4. **one** vector-Jacobian product pushes the total ``dL/dW`` through the conversion and the metanetwork,
+   then AdamW steps. (The published code backpropagated through the metanetwork once per batch.)
+
+Work copies and pruners (dependency graphs) are built once per data model and reused. A step whose loss or
+gradient is not finite is skipped and logged; ``max_bad_steps`` in a row stop the run with an error.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data_loaders.data_models import DataModel, DataModelSet, store_files
+from generate_dataset.generate import store_header
+from nn.metanetwork import build_metanetwork
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.convert import NetworkGraph, graph_to_state_dict
+from utils.io import atomic_save, write_csv
+from utils.pruning.progressive import pruning_kwargs
+from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
+from utils.stages import data_for, example_input
+
+log = logging.getLogger(__name__)
+
+
+def load_data_models(cfg: DictConfig, split: str) -> DataModelSet:
+    """The train or val data models of this task and criterion (see ``generate_dataset``)."""
+    files = store_files(cfg.data_models_dir)
+    if not files:
+        raise FileNotFoundError(
+            f"no data models in {Path(cfg.data_models_dir).resolve()}: generate them first with "
+            f"`python -m generate_dataset data_generator={cfg.task.name} method={cfg.method.name}`")
+    expect = {k: v for k, v in store_header(cfg).items() if k in ("task", "model", "method")}
+    return DataModelSet(files, split=split, val_fraction=float(cfg.task.data_models.val_fraction), expect=expect)
+
+
+def apply_metanetwork(metanet: Optional[torch.nn.Module], graph: NetworkGraph) -> NetworkGraph:
+    """The metanetwork's output graph; BN running statistics (buffers, no gradient) are passed through."""
+    if metanet is None:
+        return graph
+    out = metanet(graph)
+    buffers = graph.layout.buffer_columns.to(graph.node_features.device)
+    if buffers.any():
+        out = out.replace(torch.where(buffers, graph.node_features, out.node_features), out.edge_features)
+    return out
+
+
+def epoch_checkpoint(meta_dir: Path, epoch: int) -> Path:
+    return Path(meta_dir) / "metanetwork" / f"epoch_{epoch:03d}.pt"
+
+
+def load_metanetwork(cfg: DictConfig, graph: NetworkGraph, epoch: int, device: torch.device) -> Optional[torch.nn.Module]:
+    """The metanetwork of ``epoch`` (0: none) from the meta-training directory of this config."""
+    if epoch == 0 or cfg.metanetwork.name == "none":
+        return None
+    path = epoch_checkpoint(Path(cfg.meta_train_dir), epoch)
+    if not path.exists():
+        have = sorted(p.stem for p in path.parent.glob("epoch_*.pt")) if path.parent.exists() else []
+        raise CheckpointError(f"metanetwork checkpoint {path} does not exist (available: {have or 'none'}); "
+                              "run run=meta_train first or pick another epoch")
+    metanet = build_metanetwork(cfg.metanetwork, graph).to(device)
+    metanet.load_state_dict(load_checkpoint(path, map_location=device)["metanetwork"])
+    return metanet.eval()
+
+
+@dataclass
+class _Work:
+    """Per data model, built once: a work copy of the network, its pruner, the graph on the device."""
+
+    model: torch.nn.Module
+    pruner: tp.pruner.GroupNormPruner
+    graph: NetworkGraph
+    params: List[str]
+
+
+class MetaTrainer:
+    def __init__(self, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, example: torch.Tensor) -> None:
+        self.cfg, self.ctx, self.metanet, self.example = cfg, ctx, metanet, example
+        self.mt = cfg.task.meta_train
+        self._work: Dict[int, _Work] = {}
+
+    def work(self, item: DataModel) -> _Work:
+        if item.slot not in self._work:
+            model = copy.deepcopy(item.model).to(self.ctx.device).eval()
+            importance = tp.importance.GroupMagnitudeImportance(
+                p=int(self.cfg.method.get("p", 2)), normalizer=None, group_reduction="mean")
+            pruner = tp.pruner.GroupNormPruner(model, self.example, importance=importance,
+                                               reg=float(self.mt.pruner_reg), alpha=float(self.mt.alpha),
+                                               **pruning_kwargs(model))
+            params = [n for n, _ in model.named_parameters()]
+            self._work[item.slot] = _Work(model, pruner, item.graph.to(self.ctx.device), params)
+        return self._work[item.slot]
+
+    def step(self, item: DataModel, batches: Iterator) -> Dict[str, Any]:
+        """One meta-training step on ``item``; returns losses, timings and whether it was finite."""
+        w = self.work(item)
+        times: Dict[str, float] = {}
+        t = time.perf_counter()
+        out = apply_metanetwork(self.metanet, w.graph)
+        state = graph_to_state_dict(out)
+        times["metanet_fwd_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():  # the work copy holds W; gradients are taken with respect to it
+            for name, value in w.model.state_dict(keep_vars=True).items():
+                value.copy_(state[name])
+        w.model.zero_grad(set_to_none=False)
+        task_loss = 0.0
+        for _ in range(int(self.mt.batches_per_step)):
+            x, y = next(batches)
+            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+            loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (DESIGN.md section 5)
+            loss.backward()
+            task_loss += loss.item()
+        times["data_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        params = dict(w.model.named_parameters())
+        before = {n: p.grad.clone() for n, p in params.items()}
+        w.pruner.regularize(w.model, alpha=float(self.mt.alpha))
+        with torch.no_grad():  # the penalty whose gradient regularize added: reg/2 * sum gamma * w^2
+            sparsity = 0.5 * sum(float(((p.grad - before[n]) * p).sum()) for n, p in params.items())
+        times["regularize_s"] = time.perf_counter() - t
+        grads = [params[n].grad for n in w.params]
+        finite = math.isfinite(task_loss) and math.isfinite(sparsity) and all(torch.isfinite(g).all() for g in grads)
+        t = time.perf_counter()
+        if finite:  # one vector-Jacobian product through the conversion and the metanetwork
+            torch.autograd.backward([state[n] for n in w.params], grads)
+        times["metanet_bwd_s"] = time.perf_counter() - t
+        return {"task_loss": task_loss, "sparsity": sparsity, "finite": finite, **times}
+
+
+def _batches(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+@RUN_MODES.register("meta_train")
+def meta_train(cfg: DictConfig) -> Dict[str, Any]:
+    ctx = prepare_run(cfg)
+    if cfg.metanetwork.name == "none":
+        raise ConfigError("run=meta_train needs a metanetwork: pass metanetwork=resnet56 (or another size)")
+    mt = cfg.task.meta_train
+    meta_dir = Path(cfg.meta_train_dir)
+    train_set, val_set = load_data_models(cfg, "train"), load_data_models(cfg, "val")
+    splits, loaders = data_for(cfg, ctx)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=int(mt.batch_size), shuffle=True,
+                                         generator=torch.Generator().manual_seed(int(cfg.seed)),
+                                         num_workers=int(cfg.num_workers), drop_last=True)
+    example = example_input(splits, ctx.device)
+    torch.manual_seed(int(cfg.seed))
+    metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
+    optimizer = torch.optim.AdamW(metanet.parameters(), lr=float(mt.lr), weight_decay=float(mt.weight_decay))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones), gamma=float(mt.get("gamma", 0.1)))
+    trainer = MetaTrainer(cfg, ctx, metanet, example)
+    epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
+    last, rows, val_rows, start = meta_dir / "meta_last.pt", [], [], 0
+    fingerprint = {"metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True),  # epochs may grow
+                   "meta_train": {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"},
+                   "slots": train_set.slots, "seed": int(cfg.seed)}
+    if cfg.resume and last.exists():
+        ckpt = load_checkpoint(last, map_location=ctx.device)
+        if ckpt["fingerprint"] != fingerprint:
+            raise CheckpointError(f"{last} belongs to a meta-training with other settings; re-run with them, "
+                                  "or pass resume=false (or another run_name) to start over")
+        metanet.load_state_dict(ckpt["metanetwork"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, rows, val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
+        log.info("meta_train: resumed after epoch %d/%d from %s", start, epochs, last)
+    if start == 0:
+        val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0))
+    max_bad, bad = int(mt.max_bad_steps), 0
+    for epoch in range(start, epochs):
+        rng = random.Random(int(cfg.seed) * 7919 + epoch)
+        order = list(range(len(train_set)))
+        rng.shuffle(order)
+        torch.manual_seed(int(cfg.seed) * 7919 + epoch)
+        loader.generator.manual_seed(int(cfg.seed) * 7919 + epoch)
+        batches = _batches(loader)
+        metanet.train()
+        for i in tqdm(order, desc=f"meta epoch {epoch + 1}/{epochs}", disable=not cfg.progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            r = trainer.step(train_set[i], batches)
+            ok = r["finite"] and all(torch.isfinite(p.grad).all() for p in metanet.parameters() if p.grad is not None)
+            if ok:
+                optimizer.step()
+                bad = 0
+            else:
+                bad += 1
+                log.warning("epoch %d, data model %d: non-finite loss or gradient; update skipped (%d in a row)",
+                            epoch + 1, train_set[i].slot, bad)
+                if bad >= max_bad:
+                    raise FloatingPointError(f"{bad} meta-training steps in a row were not finite; lower "
+                                             f"task.meta_train.lr or pruner_reg. Last good epoch: {meta_dir}")
+            rows.append({"epoch": epoch + 1, "slot": train_set[i].slot, "lr": optimizer.param_groups[0]["lr"],
+                         **{k: v for k, v in r.items() if k != "finite"}, "skipped": not ok})
+        scheduler.step()
+        val_rows.append(validate(ctx, metanet, val_set, loaders, example, epoch=epoch + 1))
+        atomic_save({"metanetwork": metanet.state_dict(), "epoch": epoch + 1,
+                     "metanetwork_cfg": OmegaConf.to_container(cfg.metanetwork, resolve=True)},
+                    epoch_checkpoint(meta_dir, epoch + 1))
+        atomic_save({"metanetwork": metanet.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rows": rows, "val_rows": val_rows,
+                     "fingerprint": fingerprint}, last)
+        write_csv(rows, meta_dir / "meta_losses.csv")
+        write_csv(val_rows, meta_dir / "meta_val.csv")
+        plot_meta(rows, val_rows, meta_dir / "meta_train.png")
+        log.info("meta epoch %d/%d: task loss %.4f, sparsity %.4f; val acc (no fine-tuning) %.2f", epoch + 1, epochs,
+                 sum(r["task_loss"] for r in rows if r["epoch"] == epoch + 1) / len(order),
+                 sum(r["sparsity"] for r in rows if r["epoch"] == epoch + 1) / len(order), val_rows[-1]["val_acc"])
+    return {"epochs": epochs, "meta_train_dir": str(meta_dir), "val": val_rows}
+
+
+def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: torch.Tensor,
+             epoch: int) -> Dict[str, Any]:
+    """Cheap per-epoch figures on the validation data models: accuracy of the output network without any
+    fine-tuning, and how concentrated its group norms are (the share of channels whose group L2 norm is
+    below 10% of the largest in its group: what pruning can remove cheaply)."""
+    from utils.convert import graph_to_model
+    from utils.train import evaluate
+
+    accs, small = [], []
+    for item in val_set:
+        with torch.no_grad():
+            graph = apply_metanetwork(metanet, item.graph.to(ctx.device))
+        model = graph_to_model(graph).to(ctx.device).eval()
+        accs.append(evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"])
+        imp = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        fractions = []
+        for group in dg.get_all_groups(**{k: v for k, v in pruning_kwargs(model).items() if k == "ignored_layers"},
+                                       root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
+            with torch.no_grad():
+                scores = imp(group)
+            if scores is not None and scores.numel() > 1:
+                fractions.append(float((scores < 0.1 * scores.max()).float().mean()))
+        small.append(sum(fractions) / max(len(fractions), 1))
+    return {"epoch": epoch, "val_acc": sum(accs) / len(accs), "small_group_fraction": sum(small) / len(small)}
+
+
+def plot_meta(rows, val_rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = range(1, len(rows) + 1)
+    a.plot(steps, [r["task_loss"] for r in rows], label="task loss (sum over batches)")
+    a.plot(steps, [r["sparsity"] for r in rows], label="sparsity penalty")
+    a.set(xlabel="step", yscale="log", title="meta-training losses")
+    a.legend()
+    b.plot([r["epoch"] for r in val_rows], [r["val_acc"] for r in val_rows], marker="o", label="val acc, no fine-tuning")
+    b2 = b.twinx()
+    b2.plot([r["epoch"] for r in val_rows], [r["small_group_fraction"] for r in val_rows], marker="s", color="C1",
+            label="channels < 10% of group max")
+    b.set(xlabel="epoch (0: no metanetwork)", ylabel="accuracy (%)", title="validation data models")
+    b2.set_ylabel("fraction of channels")
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

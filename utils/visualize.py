@@ -1,0 +1,122 @@
+"""``run=visualize index=[0,30,40]``: pick a metanetwork epoch by its accuracy-vs-speed-up curve.
+
+For each listed epoch (0 = no metanetwork: the original data model), a *validation* data model is passed
+through that epoch's metanetwork, fine-tuned with the "after metanetwork" schedule (selection on the
+validation split), then pruned step by step **without** fine-tuning while the validation accuracy is
+recorded against the speed-up (relative to the unpruned network) up to ``task.visualize.max_speed_up``.
+A flatter curve that keeps its accuracy to a higher speed-up is a better metanetwork. Each curve is cached
+as JSON next to its fingerprint (settings and checkpoint digest), so a re-run only re-plots; all curves are
+drawn in one figure (PNG and PDF). The test split is never used here.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from utils.convert import graph_to_model
+from utils.io import atomic_write_json, read_json
+from utils.meta_train import apply_metanetwork, epoch_checkpoint, load_data_models, load_metanetwork
+from utils.pruning.methods import build_method
+from utils.pruning.progressive import loss_gradients, progressive_prune
+from utils.run_modes import RUN_MODES, ConfigError, prepare_run
+from utils.stages import data_for, example_input, train_stage
+from utils.train import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
+
+
+def _epochs(cfg: DictConfig) -> List[int]:
+    index = cfg.get("index")
+    if index is None:
+        return [0]
+    epochs = [int(index)] if isinstance(index, (int, float, str)) else [int(e) for e in index]
+    if any(e < 0 for e in epochs):
+        raise ConfigError(f"index={list(epochs)}: epochs are >= 0 (0 = no metanetwork), e.g. index=[0,30,40]")
+    return epochs
+
+
+def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path) -> Dict[str, Any]:
+    """Fine-tune the (metanetwork-edited) data model, then record accuracy vs speed-up while pruning."""
+    vis, seed = cfg.task.visualize, int(cfg.seed)
+    metanet = load_metanetwork(cfg, item.graph, epoch, ctx.device)
+    with torch.no_grad():
+        graph = apply_metanetwork(metanet, item.graph.to(ctx.device))
+    model = graph_to_model(graph).to(ctx.device)
+    fit = train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out_dir / f"epoch_{epoch:03d}", seed)
+    model.eval()
+    method = build_method(cfg.method)
+    base_macs = int(item.info["base_macs"])
+    points: List[Dict[str, float]] = []
+
+    def record(step: int, speed_up: float) -> None:
+        if step % int(vis.eval_every) == 0 or speed_up >= float(vis.max_speed_up):
+            acc = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
+            points.append({"step": step, "speed_up": speed_up, "val_acc": acc})
+
+    record(0, float(item.info["speed_up"]))
+    calibrate = loss_gradients(method, lambda: iter(loaders["train"]), ctx.device) if method.needs_gradients else None
+    result = progressive_prune(model, float(vis.max_speed_up), method, example_input(splits, ctx.device),
+                               base_macs=base_macs, calibrate=calibrate, on_step=record)
+    return {"epoch": epoch, "slot": item.slot, "finetune_val_acc": fit.selected_val.get("acc"),
+            "points": points, "pruning_steps": result.steps}
+
+
+@RUN_MODES.register("visualize")
+def visualize(cfg: DictConfig) -> Dict[str, Any]:
+    ctx = prepare_run(cfg)
+    epochs = _epochs(cfg)
+    val_set = load_data_models(cfg, "val")
+    slot_index = int(cfg.task.visualize.get("data_model", 0))
+    item = val_set[slot_index]
+    for epoch in epochs:  # fail before any work when a checkpoint is missing
+        load_metanetwork(cfg, item.graph, epoch, ctx.device)
+    splits, loaders = data_for(cfg, ctx)
+    curves: Dict[int, Dict[str, Any]] = {}
+    for epoch in epochs:
+        cache = ctx.run_dir / f"curve_epoch_{epoch:03d}.json"
+        fingerprint = {
+            "slot": item.slot, "method": OmegaConf.to_container(cfg.method, resolve=True),
+            "schedule": OmegaConf.to_container(cfg.task.schedules.finetune_after_metanetwork, resolve=True),
+            "visualize": OmegaConf.to_container(cfg.task.visualize, resolve=True), "limits": vars(ctx.limits),
+            "checkpoint": _digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch else "",
+        }
+        if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
+            curves[epoch] = read_json(cache)
+            log.info("epoch %d: cached curve %s", epoch, cache)
+            continue
+        curves[epoch] = {**curve(cfg, ctx, item, epoch, splits, loaders, ctx.run_dir), "fingerprint": fingerprint}
+        atomic_write_json(curves[epoch], cache)
+    plot_curves(curves, ctx.run_dir / "acc_vs_speed_up", title=f"{cfg.task.name}, {cfg.method.name}, "
+                f"validation data model {item.slot}")
+    return {"curves": {e: c["points"] for e, c in curves.items()}, "figure": str(ctx.run_dir / "acc_vs_speed_up.png")}
+
+
+def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") -> None:
+    """One figure with every epoch's accuracy-vs-speed-up curve, as ``stem``.png and ``stem``.pdf."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for epoch, c in sorted(curves.items()):
+        pts = c["points"]
+        label = "no metanetwork" if epoch == 0 else f"metanetwork epoch {epoch}"
+        ax.plot([p["speed_up"] for p in pts], [p["val_acc"] for p in pts], marker=".", label=label)
+    ax.set(xlabel="speed-up (MACs of the unpruned network / MACs)", ylabel="validation accuracy (%)",
+           title=title or "accuracy vs speed-up, pruning without fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    for suffix in (".png", ".pdf"):
+        fig.savefig(stem.with_suffix(suffix), dpi=130)
+    plt.close(fig)
