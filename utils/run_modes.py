@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from data_loaders import DatasetCorruptError
 from utils.checkpoint import CheckpointError
+from utils.pruning.progressive import PruningError
 from utils.device import get_device, seed_everything, set_threads
 from utils.registry import Registry, UnknownNameError
 from utils.train import Limits
@@ -23,7 +24,7 @@ from utils.train import Limits
 log = logging.getLogger(__name__)
 
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
-_MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize"]
+_MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final"]
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,7 @@ class ConfigError(ValueError):
 
 # Errors caused by the user's input (names, paths, files, settings): entry points print their message
 # without a traceback and exit with status 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (UnknownNameError, FileNotFoundError, DatasetCorruptError, CheckpointError, ConfigError)
+USER_ERRORS = (UnknownNameError, FileNotFoundError, DatasetCorruptError, CheckpointError, ConfigError, PruningError)
 
 
 @dataclass

@@ -39,7 +39,7 @@ def new_model(cfg: DictConfig, num_classes: int, seed: int, device: torch.device
 
 
 def train_stage(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loaders: Dict[str, DataLoader],
-                stage: str, run_dir: Path, seed: int) -> FitResult:
+                stage: str, run_dir: Path, seed: int, after_backward=None) -> FitResult:
     """Train ``model`` with schedule ``cfg.task.schedules[stage]``, resumable in ``run_dir``."""
     schedule = cfg.task.schedules[stage]
     fingerprint = {
@@ -48,7 +48,8 @@ def train_stage(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loader
         "optim": OmegaConf.to_container(cfg.optim, resolve=True), "seed": seed, "limits": vars(ctx.limits),
     }
     return fit(model, loaders, schedule, cfg.optim, ctx.device, run_dir=run_dir, name=stage, resume=bool(cfg.resume),
-               limits=ctx.limits, seed=seed, progress=bool(cfg.progress), fingerprint=fingerprint)
+               limits=ctx.limits, seed=seed, progress=bool(cfg.progress), fingerprint=fingerprint,
+               after_backward=after_backward)
 
 
 def evaluate_splits(model: torch.nn.Module, loaders: Dict[str, DataLoader], ctx: RunContext,

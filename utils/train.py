@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +95,12 @@ def train_one_epoch(
     limit_batches: Optional[int] = None,
     desc: str = "train",
     progress: bool = True,
+    after_backward: Optional[Callable[[torch.nn.Module], None]] = None,
 ) -> Dict[str, float]:
-    """One pass over ``loader``; returns mean training loss and accuracy (%) of the seen batches."""
+    """One pass over ``loader``; returns mean training loss and accuracy (%) of the seen batches.
+
+    ``after_backward(model)`` runs between the backward pass and the optimiser step on unscaled gradients
+    (sparse learning: Torch-Pruning's ``pruner.regularize``)."""
     model.train()
     amp = scaler is not None and scaler.is_enabled()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -117,13 +121,18 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if amp:
             scaler.scale(loss).backward()
-            if grad_clip:
+            if grad_clip or after_backward:
                 scaler.unscale_(optimizer)
+            if after_backward:
+                after_backward(model)
+            if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if after_backward:
+                after_backward(model)
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
@@ -177,6 +186,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     fingerprint: Optional[Mapping[str, Any]] = None,
+    after_backward: Optional[Callable[[torch.nn.Module], None]] = None,
 ) -> FitResult:
     """Train ``model`` (already on ``device``) for ``schedule``; see the module docstring.
 
@@ -235,7 +245,7 @@ def fit(
             model, loaders["train"], optimizer, device,
             label_smoothing=float(schedule.get("label_smoothing", 0.0)),
             grad_clip=schedule.get("grad_clip"), scaler=scaler, limit_batches=limits.train_batches,
-            desc=f"{name} {epoch + 1}/{epochs}", progress=progress,
+            desc=f"{name} {epoch + 1}/{epochs}", progress=progress, after_backward=after_backward,
         )
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -24,8 +24,9 @@ TINY = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_test=16", "dat
 
 
 def _cfg(root, *overrides, name="main"):
+    base = [o for o in TINY if not (o.startswith("metanetwork.") and any(v.startswith("metanetwork=") for v in overrides))]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(name, overrides=[*TINY, f"paths.root_dir={root}", *overrides])
+        return compose(name, overrides=[*base, f"paths.root_dir={root}", *overrides])
 
 
 @pytest.fixture(scope="module")

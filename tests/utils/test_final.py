@@ -1,0 +1,54 @@
+"""run=pretrain_final and run=pruning_final on tiny data: targets reached, metrics written, models reload."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils.test_meta_train import _cfg
+from utils.checkpoint import CheckpointError, load_model
+from utils.io import read_json
+from utils.pruning.progressive import PruningError
+from utils.run_modes import ConfigError, dispatch
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("final")
+    dispatch(_cfg(root, "num=3", name="generate_dataset"))
+    dispatch(_cfg(root, "run=meta_train"))
+    dispatch(_cfg(root, "run=pretrain_final", "index=100"))
+    return root
+
+
+@pytest.mark.parametrize("overrides", [["meta_epoch=2"], ["metanetwork=none"], ["metanetwork=none", "method=sparse_learning"]],
+                         ids=["metanetwork", "baseline", "sparse_learning"])
+def test_pruning_final_reaches_the_target_and_saves_a_reloadable_network(root, overrides):
+    if "method=sparse_learning" in overrides:
+        dispatch(_cfg(root, "run=pretrain_final", "index=100", "method=sparse_learning", "num=3"))
+    cfg = _cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=100", *overrides)
+    metrics = dispatch(cfg)
+    assert metrics["speed_up"] >= 1.6 and metrics["macs"] < metrics["target_macs"]
+    for key in ("base_val_acc", "base_test_acc", "val_acc", "test_acc", "params", "latency", "timings", "config"):
+        assert key in metrics
+    assert metrics["latency"]["pruned"]["latency_ms"] > 0
+    out = next(Path(cfg.run_dir).glob("target100_*_x1.6"))
+    assert read_json(out / "metrics.json")["speed_up"] == pytest.approx(metrics["speed_up"])
+    model, payload = load_model(out / "model.pt")
+    assert model.fc.out_features == 10  # the classifier keeps its outputs
+    x = torch.randn(2, 3, 16, 16)
+    pruned, _ = load_model(out / "model.pt")
+    assert torch.equal(model.eval()(x), pruned.eval()(x))
+    # A re-run continues from the saved stages: same numbers, no new pruning.
+    again = dispatch(cfg)
+    assert again["speed_up"] == metrics["speed_up"]
+
+
+def test_pruning_final_errors_are_early_and_clear(root):
+    with pytest.raises(PruningError, match="unreachable"):
+        dispatch(_cfg(root, "run=pruning_final", "index=5000", "reproduce_index=100", "metanetwork=none"))
+    with pytest.raises(CheckpointError, match="target_7/model.pt does not exist.*run=pretrain_final index=7"):
+        dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=7", "metanetwork=none"))
+    with pytest.raises(ConfigError, match="needs meta_epoch"):
+        dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=100"))
+    with pytest.raises(CheckpointError, match="epoch_009.pt does not exist"):
+        dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=100", "meta_epoch=9"))

@@ -1,0 +1,159 @@
+"""``run=pretrain_final`` and ``run=pruning_final``: turn a chosen metanetwork into a pruned network.
+
+``run=pretrain_final index=K`` trains a fresh target network exactly like data-model slot ``K`` (train from
+scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots) and saves it to
+``<final_targets_dir>/target_K/model.pt``.
+
+``run=pruning_final index=<speed-up> reproduce_index=K [meta_epoch=E]`` then:
+
+1. applies the metanetwork of epoch ``meta_epoch`` (``metanetwork=none``: the identical pipeline without
+   it, the baseline), and fine-tunes with the "after metanetwork" schedule (selection on validation);
+   with ``method=sparse_learning`` that fine-tuning is Torch-Pruning's sparse learning (``regularize``);
+2. prunes progressively with the method's criterion until the speed-up (against the *unpruned*
+   network) reaches the target: never below it, at most one step above;
+3. fine-tunes again ("after pruning" schedule), evaluates once on test, saves the pruned network as
+   widths + state dict and writes ``metrics.json`` (accuracy of the base and pruned networks on val and
+   test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings).
+
+Every stage leaves a checkpoint in the run's folder, so an interrupted run continues where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_loaders.data_models import DataModel
+from generate_dataset.generate import make_data_model
+from nn.models import create_model
+from utils.checkpoint import CheckpointError, load_model, save_model
+from utils.convert import graph_to_model
+from utils.io import atomic_write_json, read_json
+from utils.latency import measure_latency
+from utils.meta_train import apply_metanetwork, load_metanetwork
+from utils.pruning.macs import MacCounter
+from utils.pruning.methods import build_method
+from utils.pruning.progressive import PruningError, build_pruner, loss_gradients, max_speed_up, progressive_prune
+from utils.run_modes import RUN_MODES, ConfigError, prepare_run
+from utils.stages import data_for, evaluate_splits, example_input, train_stage
+
+log = logging.getLogger(__name__)
+
+
+def _required_int(cfg: DictConfig, key: str, example: str) -> int:
+    value = cfg.get(key)
+    if value is None:
+        raise ConfigError(f"run={cfg.run} needs {key}=..., e.g. `python -m main run={cfg.run} {example}`")
+    return int(value)
+
+
+def target_path(cfg: DictConfig, slot: int) -> Path:
+    return Path(cfg.final_targets_dir) / f"target_{slot}" / "model.pt"
+
+
+@RUN_MODES.register("pretrain_final")
+def pretrain_final(cfg: DictConfig) -> Dict[str, Any]:
+    ctx = prepare_run(cfg)
+    slot = _required_int(cfg, "index", "index=100")
+    path = target_path(cfg, slot)
+    if path.exists():
+        log.info("target %d already trained: %s", slot, path)
+        return read_json(path.parent / "info.json")
+    splits, loaders = data_for(cfg, ctx)
+    record = make_data_model(cfg, ctx, slot, splits, loaders, path.parent / "work")
+    model = create_model(record.arch["name"], num_classes=record.arch["num_classes"], widths=record.arch["widths"],
+                         **record.arch["kwargs"])
+    model.load_state_dict(record.state)
+    save_model(path, model, info=record.info)
+    atomic_write_json(record.info, path.parent / "info.json")
+    return record.info
+
+
+def _stage(path: Path, device: torch.device):
+    """The network saved after a finished stage, or None."""
+    if not path.exists():
+        return None, None
+    model, payload = load_model(path)
+    return model.to(device), payload
+
+
+@RUN_MODES.register("pruning_final")
+def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
+    ctx = prepare_run(cfg)
+    if cfg.get("index") is None:
+        raise ConfigError("run=pruning_final needs the target speed-up as index=..., e.g. index=2.3 reproduce_index=100")
+    target, slot, seed = float(cfg.index), _required_int(cfg, "reproduce_index", "index=2.3 reproduce_index=100"), int(cfg.seed)
+    source = target_path(cfg, slot)
+    if not source.exists():
+        raise CheckpointError(f"target network {source} does not exist: run `python -m main run=pretrain_final "
+                              f"index={slot}` first (same task, method and seed)")
+    use_meta = cfg.metanetwork.name != "none"
+    epoch = _required_int(cfg, "meta_epoch", f"index={target:g} reproduce_index={slot} meta_epoch=40") if use_meta else 0
+    out = ctx.run_dir / f"target{slot}_{cfg.metanetwork.name}{epoch if use_meta else ''}_x{target:g}"
+    t0, timings = time.time(), {}
+    base_model, payload = load_model(source)
+    base_model.to(ctx.device).eval()
+    info = payload["info"]
+    splits, loaders = data_for(cfg, ctx)
+    example = example_input(splits, ctx.device)
+    method = build_method(cfg.method)
+    reachable = max_speed_up(base_model, method, example, int(info["base_macs"]))
+    if target > reachable:  # before any fine-tuning
+        raise PruningError(f"a {target:g}x speed-up is unreachable for this network (at most about {reachable:.2f}x); "
+                           "choose a smaller index=...")
+    base = {**{f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}}
+
+    # 1. metanetwork (or not) and the after-metanetwork fine-tuning
+    model, _ = _stage(out / "after_metanetwork.pt", ctx.device)
+    if model is None:
+        t = time.time()
+        item = DataModel(slot, base_model, info)
+        metanet = load_metanetwork(cfg, item.graph, epoch, ctx.device) if use_meta else None
+        with torch.no_grad():
+            model = graph_to_model(apply_metanetwork(metanet, item.graph.to(ctx.device))).to(ctx.device)
+        regularize = None
+        if cfg.method.name == "sparse_learning":
+            pruner = build_pruner(model, method, example, steps=1)
+            regularize = pruner.regularize
+        train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out, seed, after_backward=regularize)
+        timings["after_metanetwork_s"] = time.time() - t
+        save_model(out / "after_metanetwork.pt", model, timings=timings)
+    # 2. progressive pruning to the target
+    pruned, stage = _stage(out / "pruned.pt", ctx.device)
+    if pruned is None:
+        t = time.time()
+        model.eval()
+        calibrate = loss_gradients(method, lambda: iter(loaders["train"]), ctx.device) if method.needs_gradients else None
+        result = progressive_prune(model, target, method, example, base_macs=int(info["base_macs"]), calibrate=calibrate)
+        timings["prune_s"] = time.time() - t
+        save_model(out / "pruned.pt", model, prune={"speed_up": result.speed_up, "steps": result.steps}, timings=timings)
+        pruned = model
+    else:
+        timings.update(stage["timings"])
+    # 3. after-pruning fine-tuning, one test evaluation, metrics
+    t = time.time()
+    train_stage(cfg, ctx, pruned, loaders, "finetune_after_pruning", out, seed)
+    timings["after_pruning_s"] = time.time() - t
+    final = evaluate_splits(pruned, loaders, ctx, ("val", "test"))
+    counter, base_counter = MacCounter(pruned, example), MacCounter(base_model, example)
+    batch = torch.zeros(int(cfg.task.eval_batch_size), *example.shape[1:], device=ctx.device)
+    metrics = {
+        "task": cfg.task.name, "method": cfg.method.name, "metanetwork": cfg.metanetwork.name, "meta_epoch": epoch,
+        "reproduce_index": slot, "target_speed_up": target, "seed": seed, **base, **final,
+        "speed_up": int(info["base_macs"]) / counter(), "macs": counter(), "params": counter.params(),
+        "base_macs": int(info["base_macs"]), "target_macs": base_counter(), "target_params": base_counter.params(),
+        "base_params": int(info["base_params"]),
+        "latency": {"base": measure_latency(base_model, batch), "pruned": measure_latency(pruned, batch)},
+        "timings": {**timings, "total_s": time.time() - t0},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    save_model(out / "model.pt", pruned, metrics={k: v for k, v in metrics.items() if k != "config"})
+    atomic_write_json(metrics, out / "metrics.json")
+    log.info("%s%s: %.3fx, test acc %.2f (target network %.2f), latency %.2f -> %.2f ms", cfg.method.name,
+             f" + metanetwork epoch {epoch}" if use_meta else "", metrics["speed_up"], final["test_acc"],
+             base["base_test_acc"], metrics["latency"]["base"]["latency_ms"], metrics["latency"]["pruned"]["latency_ms"])
+    return metrics
