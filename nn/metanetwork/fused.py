@@ -12,16 +12,19 @@
     e_new = e + en * (a[src] * b[dst] + a[dst] * b[src])         # = e + u_fwd + sign * u_bwd
 
 Why it is one Function and why blocks: the layer is memory-bandwidth bound (an ``(E, H)`` float tensor of
-a ResNet-56 graph is 25 MB, each elementwise op a pass over DRAM that also page-faults fresh buffers).
-The edges are processed ``block`` rows at a time (about 1 MB per ``(block, H)`` tensor), so the ~40 ops
-a block goes through (layer norm, gathers, matmuls, activation, masks, scatters) read and write the L2
-cache instead of DRAM; node-level statistics and gradients accumulate across blocks. Autograd saves only
-``e`` and the two pre-activations; ``en``, ``act(pre)``, ``act(pre)^2``, the max/min masks and the gated
-gathers are recomputed block by block in backward. On CUDA the whole edge set is one block.
+a ResNet-56 graph is 25 MB, so every elementwise op on it is a pass over DRAM, and every fresh buffer of
+that size page-faults). The edges are processed ``block`` rows at a time (``(block, H)`` tensors of about
+1 MB), so the ~40 ops a block goes through (layer norm, gathers, matmuls, activation, masks, scatters)
+work in cache; node-level statistics and gradients accumulate across blocks. The two directions of a
+block are stacked into one ``(2 block, H)`` tensor and reduced into one ``(2N, H)`` table per statistic
+(reverse targets offset by ``N``), so each op runs once for both. Autograd saves only ``e`` and the
+pre-activations (one small tensor per block); ``en``, ``act(pre)``, its square, the max/min masks and the
+gathered gates are recomputed block by block in backward. On CUDA the whole edge set is one block.
 
-Gradients of mean/std/max/min are one expression per direction built from node-level coefficients,
-``g_m = A[t] + B[t] * m + G_max[t] * [m = max[t]] + G_min[t] * [m = min[t]]``; tied extremes share the
-gradient equally, as ``torch.scatter_reduce`` does (the tie counts cost one extra pass in backward).
+Gradients of mean/std/max/min are one expression built from node-level coefficients,
+``g_m = A[t] + B[t] * m + G_max[t] * [m = max[t]] + G_min[t] * [m = min[t]]``. Tied extremes share the
+gradient equally, as ``torch.scatter_reduce`` does: the backward loop counts the hits as it goes and
+:func:`_share_ties` then corrects the gradients on the (few) edges into a segment with a tie.
 """
 from __future__ import annotations
 
@@ -92,8 +95,9 @@ class EdgePass(torch.autograd.Function):
         half = H // 2
         w1_t, w2_t = weight[:, :half].t(), weight[:, half:].t()  # (H/2, H)
         e_new = torch.empty_like(e)
-        # stacked pre-activations, block by block [forward rows; reverse rows]; kept only for backward
-        pre = torch.empty(2 * E, H, dtype=e.dtype, device=e.device) if keep else None
+        # stacked pre-activations (2B, H) per block, [forward rows; reverse rows], kept only for backward; a
+        # list of blocks rather than one (2E, H) tensor, whose fresh pages would cost a page fault each time
+        pre = []
         total, squares = e.new_zeros(n2, H), e.new_zeros(n2, H)  # running statistics, both directions
         mx, mn = e.new_full((n2, H), -float("inf")), e.new_full((n2, H), float("inf"))
         for blk in _blocks(E, rows):
@@ -101,11 +105,12 @@ class EdgePass(torch.autograd.Function):
             B = blk.stop - blk.start
             en = F.layer_norm(e[blk], (H,), eps=LN_EPS)  # (B, H)
             p1, p2 = torch.mm(en[:, :half], w1_t), torch.mm(en[:, half:], w2_t)
-            p = ps.index_select(0, head) if pre is None else \
-                torch.index_select(ps, 0, head, out=pre[2 * blk.start:2 * blk.stop])  # (2B, H)
+            p = ps.index_select(0, head)  # (2B, H)
             p.add_(pt.index_select(0, tail)).view(2, B, H).add_(p1)
             p[:B].add_(p2)
             p[B:].sub_(p2)
+            if keep:
+                pre.append(p)
             m = act(p)
             sc.add_into_(total, slot, m, backend)
             sc.extreme_into_(mx, slot, m, "max", backend)
@@ -121,13 +126,13 @@ class EdgePass(torch.autograd.Function):
         mx.masked_fill_(empty, 0.0)
         mn.masked_fill_(empty, 0.0)
         agg = torch.cat([mean, std, mx, mn], dim=1)  # (2N, 4H)
-        ctx.save_for_backward(e, pre, a, b, weight, src, dst, deg, mean, std, mx, mn)
+        ctx.save_for_backward(e, ps, pt, a, b, weight, src, dst, deg, mean, std, mx, mn, *pre)
         ctx.num_nodes, ctx.activation, ctx.backend, ctx.rows = num_nodes, activation, backend, rows
         return agg[:num_nodes], agg[num_nodes:], e_new
 
     @staticmethod
     def backward(ctx, g_agg_f: Tensor, g_agg_b: Tensor, g_e_new: Tensor):
-        e, pre, a, b, weight, src, dst, deg, mean, std, mx, mn = ctx.saved_tensors
+        e, ps, pt, a, b, weight, src, dst, deg, mean, std, mx, mn, *pre = ctx.saved_tensors
         n, backend, rows = ctx.num_nodes, ctx.backend, ctx.rows
         act, act_grad = ACTIVATIONS[ctx.activation]
         E, H = e.shape
@@ -145,12 +150,11 @@ class EdgePass(torch.autograd.Function):
         g_e = torch.empty_like(e)
         g_ps, g_pt, g_a, g_b = (torch.zeros_like(a) for _ in range(4))
         g_w = weight.new_zeros(H, H)
-        for blk in _blocks(E, rows):
+        for blk, p in zip(_blocks(E, rows), pre):  # p: (2B, H)
             head, tail, slot = _block_index(src, dst, blk, n)
             B = blk.stop - blk.start
             ge_new = g_e_new[blk]
             en, mu, rstd = torch.native_layer_norm(e[blk], (H,), None, None, LN_EPS)
-            p = pre[2 * blk.start:2 * blk.stop]  # (2B, H)
             m = act(p)
             g_m = coef_a.index_select(0, slot).addcmul_(coef_b.index_select(0, slot), m)
             for value, g_value, cnt in ((mx, g_max, cnt_max), (mn, g_min, cnt_min)):
@@ -179,41 +183,41 @@ class EdgePass(torch.autograd.Function):
         ties = (cnt_max > 1) | (cnt_min > 1)  # (2N, H)
         if bool(ties.any()):
             shares = [torch.where(cnt > 1, g / cnt - g, 0.0) for g, cnt in ((g_max, cnt_max), (g_min, cnt_min))]
-            _share_ties(ties.any(1), shares, ctx, (g_e, g_ps, g_pt, g_w))
+            _share_ties(ties.any(1), shares, (e, ps, pt, weight, src, dst, mx, mn), n, act, act_grad,
+                        (g_e, g_ps, g_pt, g_w))
         return g_e, g_ps, g_pt, g_a, g_b, g_w, None, None, None, None, None, None, None
 
 
-def _share_ties(tied: Tensor, shares: List[Tensor], ctx, grads: Tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+def _share_ties(tied: Tensor, shares: List[Tensor], saved: Tuple[Tensor, ...], n: int, act: Callable,
+                act_grad: Callable, grads: Tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
     """Correct the gradients for tied extremes, in place, on the few edges whose target has a tie.
 
     The block loop gave every hit of max (min) the node's whole gradient ``G``; a segment with ``c > 1`` hits
     should give each ``G / c``. ``shares`` holds ``G / c - G`` (0 without a tie) for max and min ``(2N, H)``;
     everything downstream of ``g_m`` is linear, so the correction runs the same chain on those edges only.
     """
-    e, pre, a, b, weight, src, dst, deg, mean, std, mx, mn = ctx.saved_tensors
-    n, rows, (act, act_grad) = ctx.num_nodes, ctx.rows, ACTIVATIONS[ctx.activation]
+    e, ps, pt, weight, src, dst, mx, mn = saved
     g_e, g_ps, g_pt, g_w = grads
-    E, H = e.shape
+    H = e.shape[1]
     half = H // 2
     for sign, head_all, tail_all, offset in ((1, src, dst, 0), (-1, dst, src, n)):
         edges = tied.index_select(0, tail_all + offset).nonzero().squeeze(1)  # edge ids
         if edges.numel() == 0:
             continue
-        start = edges.div(rows, rounding_mode="floor") * rows  # first edge of each edge's block
-        row = start + edges  # row in the stacked `pre`: block [forward rows; reverse rows]
-        if sign < 0:
-            row += (E - start).clamp(max=rows)
-        p, slot = pre.index_select(0, row), tail_all.index_select(0, edges) + offset
+        head, tail = head_all.index_select(0, edges), tail_all.index_select(0, edges)
+        x = e.index_select(0, edges)
+        en, mu, rstd = torch.native_layer_norm(x, (H,), None, None, LN_EPS)
+        p = ps.index_select(0, head).add_(pt.index_select(0, tail)).addmm_(en[:, :half], weight[:, :half].t())
+        p.addmm_(en[:, half:], weight[:, half:].t(), alpha=sign)  # the pre-activations of these edges, recomputed
+        slot = tail + offset
         m = act(p)
         g_m = torch.zeros_like(m)
         for value, share in zip((mx, mn), shares):
             hit = value.index_select(0, slot)
             g_m.addcmul_(share.index_select(0, slot), torch.eq(m, hit, out=hit))
         g_p = act_grad(g_m, p, m)
-        g_ps.index_add_(0, head_all.index_select(0, edges), g_p)
-        g_pt.index_add_(0, tail_all.index_select(0, edges), g_p)
-        x = e.index_select(0, edges)
-        en, mu, rstd = torch.native_layer_norm(x, (H,), None, None, LN_EPS)
+        g_ps.index_add_(0, head, g_p)
+        g_pt.index_add_(0, tail, g_p)
         g_w[:, :half].addmm_(g_p.t(), en[:, :half])
         g_w[:, half:].addmm_(g_p.t(), en[:, half:], alpha=sign)
         g_en = torch.cat([g_p @ weight[:, :half], (g_p @ weight[:, half:]).mul_(sign)], dim=1)

@@ -21,18 +21,20 @@ What makes the fast version fast (and small):
 
 * Linear maps of node states are applied to the ``N`` nodes before gathering to the ``E`` edges
   (``(W hn)[src]`` instead of ``W (hn[src])``): only the edge part of ``msg`` is an ``E x H x H`` product,
-  and the two halves of the edge channels are multiplied separately, ``p1 +/- p2`` giving both directions.
-* :class:`FusedPNA` applies the activation and the four aggregations in one autograd node that saves only
-  its input: the activation output, ``m^2`` and max/min masks are recomputed in backward, and the gradient
-  of mean/std/max/min is one fused expression ``A[t] + B[t] * m + max/min terms`` built from node-level
-  coefficients. :class:`EdgeGate` does the same for the edge update. Autograd would otherwise keep about
-  six more ``(E, H)`` tensors per direction and layer and run many more passes over them.
+  and the two halves of the edge channels are multiplied separately, ``p1 +/- p2`` giving both directions
+  (the same for the weight and input gradients in backward).
+* All edge-sized work (layer norm of the edges, messages of both directions, activation, the four
+  aggregations, the gated edge update, and all of their gradients) is one autograd Function,
+  :class:`nn.metanetwork.fused.EdgePass`, that runs over blocks of ~4k edges so the ~40 ops per block work
+  in cache instead of streaming 25 MB tensors through DRAM, saves only the pre-activations, and computes
+  the aggregation gradient as one expression from node-level coefficients. Fused aten backward kernels
+  (``silu_backward``) and float masks (not bool, whose mixed-dtype arithmetic is slow) keep each step one op.
 * Reductions are unsorted scatters (``index_add_`` / ``scatter_reduce_``) or torch_scatter, see
   :mod:`nn.metanetwork.scatter`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,8 @@ class EdgeMessageLayer(_LayerParams, torch.nn.Module):
     """Fast layer: ``(h (N, H), e (E, H), edge_index (2, E)) -> (h_new (N, H), e_new (E, H))``.
 
     See the module docstring for the update rule and why it is fast. ``backend`` picks the scatter
-    implementation (None: torch_scatter when installed).
+    implementation (None: torch_scatter when installed); ``block``: edges per block of
+    :class:`~nn.metanetwork.fused.EdgePass` (None: about 1 MB per ``(block, H)`` tensor on CPU, all on CUDA).
     """
 
     def __init__(self, hidden_dim: int, activation: str = "silu", backend: Optional[str] = None,

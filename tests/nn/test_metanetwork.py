@@ -188,6 +188,30 @@ def test_edge_pass_gradcheck(activation):
     assert torch.autograd.gradcheck(fn, (e, ps, pt, a, b, weight), fast_mode=True)
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_tied_extremes_across_blocks(checkpoint):
+    """Duplicate edges tie max/min exactly; with blocks (and under activation checkpointing, which allows
+    one unpacking of the saved tensors) the gradients still match the PyG reference."""
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    n, hdim = 12, 8
+    index = torch.randint(0, n - 2, (2, 60))
+    index = torch.cat([index, index[:, :10]], dim=1)
+    h = torch.randn(n, hdim, dtype=torch.double, requires_grad=True)
+    x = torch.randn(60, hdim, dtype=torch.double)
+    x = torch.cat([x, x[:10]]).requires_grad_()
+    fast, ref = EdgeMessageLayer(hdim, block=16).double(), PyGEdgeMessageLayer(hdim).double()
+    ref.load_state_dict(fast.state_dict())
+    outs_f = ckpt(fast, h, x, index, use_reentrant=False) if checkpoint else fast(h, x, index)
+    outs_r = ref(h, x, index)
+    weights = [torch.randn_like(o) for o in outs_f]
+    grads_f = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs_f, weights)), [h, x] + list(fast.parameters()))
+    grads_r = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs_r, weights)), [h, x] + list(ref.parameters()))
+    for a, b in zip(tuple(grads_f), tuple(grads_r)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("block", [1, 16, None])
 def test_blocks_do_not_change_the_result(block):
     torch.manual_seed(0)
