@@ -1,6 +1,7 @@
 """Regenerate the README's figures from saved results (nothing is re-trained here).
 
-    python figures/make_figures.py --pretrain-run outputs/resnet20_on_digits/pretrain/resnet20_seed0
+    python figures/make_figures.py --pretrain-run outputs/resnet20_on_digits/pretrain/resnet20_group_l2_max_seed0
+    python figures/make_figures.py --visualize-run outputs/resnet20_on_digits/visualize/resnet20_group_l2_max_seed0
 """
 from __future__ import annotations
 
@@ -8,23 +9,46 @@ import argparse
 import csv
 from pathlib import Path
 
+from utils.io import read_json
 from utils.plotting import plot_history
 
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrain-run", type=Path, required=True, help="run directory of a run=pretrain job")
-    args = parser.parse_args()
-    history_csv = args.pretrain_run / "pretrain_history.csv"
+def pretrain_figure(run: Path) -> Path:
+    history_csv = run / "pretrain_history.csv"
     if not history_csv.is_file():
         raise SystemExit(f"{history_csv} not found: run `python -m main` first (or pass another run directory)")
     with open(history_csv) as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     out = HERE / "digits_pretrain.png"
     plot_history(rows, out, title="ResNet-20 on digits: run=pretrain")
-    print(f"wrote {out}")
+    return out
+
+
+def visualize_figure(run: Path) -> Path:
+    from utils.visualize import plot_curves
+
+    files = sorted(run.glob("curve_epoch_*.json"))
+    if not files:
+        raise SystemExit(f"no curve_epoch_*.json in {run}: run `python -m main run=visualize index=[...]` first")
+    curves = {read_json(f)["epoch"]: read_json(f) for f in files}
+    out = HERE / "digits_acc_vs_speed_up"
+    plot_curves(curves, out, title="ResNet-20 on digits: run=visualize (validation data model)")
+    return out.with_suffix(".png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrain-run", type=Path, help="run directory of a run=pretrain job")
+    parser.add_argument("--visualize-run", type=Path, help="run directory of a run=visualize job")
+    args = parser.parse_args()
+    if not (args.pretrain_run or args.visualize_run):
+        parser.error("give --pretrain-run and/or --visualize-run")
+    if args.pretrain_run:
+        print(f"wrote {pretrain_figure(args.pretrain_run)}")
+    if args.visualize_run:
+        print(f"wrote {visualize_figure(args.visualize_run)}")
 
 
 if __name__ == "__main__":
