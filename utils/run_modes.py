@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -92,3 +93,15 @@ def dispatch(cfg: DictConfig) -> Dict[str, Any]:
         print("run modes: " + ", ".join(RUN_MODES.names()))
         return {}
     return RUN_MODES.get(str(cfg.run))(cfg)
+
+
+def run_entry(cfg: DictConfig) -> None:
+    """What a Hydra entry point does: dispatch, and turn user errors into one message and exit status 2."""
+    try:
+        dispatch(cfg)
+    except USER_ERRORS as err:
+        log.error("%s", err)  # Hydra's logging prints it on the console and into <run_dir>/main.log
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished work is checkpointed in %s; re-run the same command to resume", cfg.run_dir)
+        sys.exit(130)
