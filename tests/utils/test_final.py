@@ -52,3 +52,21 @@ def test_pruning_final_errors_are_early_and_clear(root):
         dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=100"))
     with pytest.raises(CheckpointError, match="epoch_009.pt does not exist"):
         dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=100", "meta_epoch=9"))
+
+
+def test_analyse_compares_before_and_after_the_metanetwork(root):
+    cfg = _cfg(root, "run=analyse", "meta_epoch=2")
+    summary = dispatch(cfg)
+    run_dir = Path(cfg.run_dir)
+    result = read_json(run_dir / "analyse.json")
+    assert (run_dir / "analyse.png").is_file()
+    for key in ("before", "after"):
+        stats = result[key]
+        assert stats["groups"] and all(len(g["l2"]) == g["channels"] == len(g["taylor"]) for g in stats["groups"])
+        assert all(v >= 0 for g in stats["groups"] for v in g["l1"] + g["l2"] + g["taylor"])
+        assert 0 <= summary[key]["share_of_channels_below_10pct_of_group_max"] <= 1
+        assert set(stats["filter_correlation"]) and all(0 <= c <= 1 for c in stats["filter_correlation"].values())
+    # The metanetwork changed the weights, so the statistics differ.
+    assert result["before"]["groups"][0]["l2"] != result["after"]["groups"][0]["l2"]
+    with pytest.raises(ConfigError, match="meta_epoch"):
+        dispatch(_cfg(root, "run=analyse"))
