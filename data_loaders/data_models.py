@@ -88,9 +88,11 @@ class ShardWriter:
         with _open(self.path) as f:
             return sorted(int(name[4:]) for name in f if name.startswith("slot"))
 
-    def append(self, record: DataModelRecord) -> None:
+    def append(self, *records: DataModelRecord) -> None:
+        """Add finished data models in one atomic file replacement."""
         def add(f: h5py.File) -> None:
-            _write_record(f, record)
+            for record in records:
+                _write_record(f, record)
 
         self._atomic(add)
 
@@ -158,13 +160,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     out = Path(out)
     if out.exists():
         out.unlink()
-    writer = ShardWriter(out, header)
-
-    def add_all(f: h5py.File) -> None:
-        for r in sorted(records, key=lambda r: r.slot):
-            _write_record(f, r)
-
-    writer._atomic(add_all)
+    ShardWriter(out, header).append(*sorted(records, key=lambda r: r.slot))
     return len(records)
 
 

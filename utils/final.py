@@ -105,7 +105,7 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     if target > reachable:  # before any fine-tuning
         raise PruningError(f"a {target:g}x speed-up is unreachable for this network (at most about {reachable:.2f}x); "
                            "choose a smaller index=...")
-    base = {**{f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}}
+    base = {f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}
 
     # 1. metanetwork (or not) and the after-metanetwork fine-tuning
     model, _ = _stage(out / "after_metanetwork.pt", ctx.device)
