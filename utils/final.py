@@ -16,13 +16,18 @@ scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots
    test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings).
 
 Every stage leaves a checkpoint in the run's folder, so an interrupted run continues where it stopped.
+
+Methods that do not prune a trained network step by step (MetaPruning's width search, ...) set
+``pipeline: <name>`` in their method config and register a function ``(cfg, ctx, target) -> metrics``
+in :data:`FINAL_PIPELINES`; ``run=pruning_final`` hands the run to it, so every method is run, resumed and
+compared through the same command and writes the same ``metrics.json`` keys.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,10 +43,14 @@ from utils.meta_train import apply_metanetwork, load_metanetwork
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import PruningError, build_pruner, loss_gradients, max_speed_up, progressive_prune
-from utils.run_modes import RUN_MODES, ConfigError, prepare_run
+from utils.registry import Registry
+from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from utils.stages import data_for, evaluate_splits, example_input, train_stage
 
 log = logging.getLogger(__name__)
+
+# pipeline name -> fn(cfg, ctx, target_speed_up) -> metrics; "progressive" is pruning_final's own below
+FINAL_PIPELINES: Registry[Callable[[DictConfig, RunContext, float], Dict[str, Any]]] = Registry("final pruning pipeline")
 
 
 def _required_int(cfg: DictConfig, key: str, example: str) -> int:
@@ -86,6 +95,9 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
     if cfg.get("index") is None:
         raise ConfigError("run=pruning_final needs the target speed-up as index=..., e.g. index=2.3 reproduce_index=100")
+    pipeline = str(cfg.method.get("pipeline", "progressive"))
+    if pipeline != "progressive":
+        return FINAL_PIPELINES.get(pipeline)(cfg, ctx, float(cfg.index))
     target, slot, seed = float(cfg.index), _required_int(cfg, "reproduce_index", "index=2.3 reproduce_index=100"), int(cfg.seed)
     source = target_path(cfg, slot)
     if not source.exists():
