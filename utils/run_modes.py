@@ -25,7 +25,8 @@ from utils.train import Limits
 log = logging.getLogger(__name__)
 
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
-_MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse"]
+_MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse",
+                 "utils.quickstart"]
 
 
 class ConfigError(ValueError):

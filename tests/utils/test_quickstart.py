@@ -1,0 +1,43 @@
+"""run=quickstart on tiny data: every stage runs, the table and plot are written, a re-run reuses the stages."""
+from pathlib import Path
+
+import pytest
+
+from tests.utils.test_meta_train import _cfg
+from utils.io import read_json
+from utils.quickstart import curve_score, select_epoch
+from utils.run_modes import ConfigError, dispatch
+
+
+def test_epoch_selection_prefers_the_flatter_curve_and_never_picks_epoch_0():
+    flat = [{"speed_up": 1.3, "val_acc": 90.0}, {"speed_up": 3.0, "val_acc": 80.0}]
+    steep = [{"speed_up": 1.3, "val_acc": 92.0}, {"speed_up": 2.0, "val_acc": 50.0}, {"speed_up": 3.0, "val_acc": 20.0}]
+    assert curve_score(flat, 1.3, 3.0) == pytest.approx(85.0)
+    epoch, scores = select_epoch({0: flat, 2: steep, 4: flat})
+    assert epoch == 4 and scores[0] == scores[4] > scores[2]
+    with pytest.raises(ValueError, match="epoch > 0"):
+        select_epoch({0: flat})
+
+
+def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
+    overrides = ["run=quickstart", "task.data_models.num=3", "task.quickstart.epochs=[2]",
+                 "task.pruning.target_speed_ups=[1.5]", "task.quickstart.target_index=100"]
+    cfg = _cfg(tmp_path, *overrides)
+    summary = dispatch(cfg)
+    rows = summary["rows"]
+    assert [r["variant"] for r in rows] == ["metanetwork (epoch 2)", "no metanetwork"]
+    assert all(r["speed_up"] >= 1.5 for r in rows)
+    run_dir = Path(cfg.run_dir)
+    assert read_json(run_dir / "quickstart_results.json")["selected_epoch"] == 2
+    assert (run_dir / "quickstart_results.csv").read_text().count("\n") == 3  # header + 2 rows
+    assert "| no metanetwork | 1.5x |" in (run_dir / "quickstart_results.md").read_text()
+    assert (tmp_path / "figures" / "quickstart_acc_vs_speed_up.png").stat().st_size > 0
+    again = dispatch(_cfg(tmp_path, *overrides))  # every stage is found finished: same numbers
+    drop = ("latency_ms", "base_latency_ms")  # latency is measured afresh
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again["rows"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_quickstart_needs_task_settings(tmp_path):
+    with pytest.raises(ConfigError, match="no quickstart settings"):
+        dispatch(_cfg(tmp_path, "run=quickstart", "~task.quickstart"))

@@ -1,0 +1,156 @@
+"""``run=quickstart``: the whole pipeline in one command, ending with a results table and a plot.
+
+On the embedded default (``task=resnet20_on_digits``) it runs, each stage with its own run mode and run
+directory, so every stage is resumable and can be re-run or inspected on its own:
+
+1. ``generate``: the task's data models (``task.data_models.num``, one shard);
+2. ``meta_train``: the metanetwork, one checkpoint per epoch;
+3. ``visualize index=<task.quickstart.epochs>``: accuracy-vs-speed-up curves on a *validation* data model;
+   the metanetwork epoch whose curve has the highest mean validation accuracy over the speed-up range is
+   selected (epoch 0, no metanetwork, is drawn for reference but never selected);
+4. ``pretrain_final index=<task.quickstart.target_index>``: a fresh target network, trained like a data model;
+5. ``pruning_final`` at every ``task.pruning.target_speed_ups``, with the selected metanetwork and with
+   ``metanetwork=none`` (the identical pipeline and budget without it).
+
+It then prints a Markdown table (val and test accuracy, speed-up, MACs, latency per variant and target),
+and writes ``quickstart_results.{json,csv,md}`` into its run directory and the test-accuracy-vs-speed-up
+plot into ``paths.figures_dir`` (``quickstart_acc_vs_speed_up.png``/``.pdf``). Test accuracy is read once
+per final network; no selection uses it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from utils.io import atomic_write_json, atomic_write_text, write_csv
+from utils.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _stage(cfg: DictConfig, run: str, **values: Any) -> DictConfig:
+    """A copy of ``cfg`` for another run mode (its own run directory through the ``run_dir`` interpolation)."""
+    sub = copy.deepcopy(cfg)
+    with open_dict(sub):
+        sub.run = run
+        for key, value in values.items():
+            if key == "metanetwork":  # swap the config group option, as `metanetwork=none` would
+                sub.metanetwork = OmegaConf.load(CONFIG_DIR / "metanetwork" / f"{value}.yaml")
+            else:
+                OmegaConf.update(sub, key, value, force_add=True)
+    return sub
+
+
+def curve_score(points: List[Dict[str, float]], lo: float, hi: float) -> float:
+    """Mean validation accuracy of a pruning curve over speed-ups ``[lo, hi]`` (linear interpolation)."""
+    x = np.array([p["speed_up"] for p in points])
+    y = np.array([p["val_acc"] for p in points])
+    grid = np.linspace(lo, hi, 64)
+    return float(np.interp(grid, x, y).mean())
+
+
+def select_epoch(curves: Dict[int, List[Dict[str, float]]]) -> tuple[int, Dict[int, float]]:
+    """The metanetwork epoch (> 0) with the best :func:`curve_score` over the range all curves cover."""
+    lo = max(min(p["speed_up"] for p in pts) for pts in curves.values())
+    hi = min(max(p["speed_up"] for p in pts) for pts in curves.values())
+    scores = {int(e): curve_score(pts, lo, hi) for e, pts in curves.items()}
+    candidates = {e: s for e, s in scores.items() if e > 0}
+    if not candidates:
+        raise ValueError("task.quickstart.epochs needs at least one metanetwork epoch > 0")
+    return max(candidates, key=candidates.get), scores
+
+
+def _row(variant: str, m: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "variant": variant, "target_speed_up": m["target_speed_up"], "speed_up": round(m["speed_up"], 3),
+        "val_acc": round(m["val_acc"], 2), "test_acc": round(m["test_acc"], 2),
+        "base_test_acc": round(m["base_test_acc"], 2), "macs_M": round(m["macs"] / 1e6, 3),
+        "params_k": round(m["params"] / 1e3, 1),
+        "latency_ms": round(m["latency"]["pruned"]["latency_ms"], 3),
+        "base_latency_ms": round(m["latency"]["base"]["latency_ms"], 3),
+    }
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+    head = ["variant", "target", "speed-up", "val acc", "test acc", "target net test acc", "MMACs", "params (k)",
+            "latency ms (pruned / target net)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['target_speed_up']:g}x | {r['speed_up']:.2f}x | {r['val_acc']:.2f} | "
+                     f"{r['test_acc']:.2f} | {r['base_test_acc']:.2f} | {r['macs_M']:.2f} | {r['params_k']:.1f} | "
+                     f"{r['latency_ms']:.2f} / {r['base_latency_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(rows: List[Dict[str, Any]], stem: Path, title: str) -> None:
+    """Test accuracy vs reached speed-up, one line per variant, as ``stem``.png and ``stem``.pdf."""
+    from utils.plotting import plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r["speed_up"], r["test_acc"]) for r in rows if r["variant"] == variant)
+        ax.plot(*zip(*pts), marker="o", label=variant)
+    base = rows[0]["base_test_acc"]
+    ax.axhline(base, color="gray", ls="--", lw=1, label=f"target network before pruning ({base:.2f})")
+    ax.set(xlabel="speed-up (MACs of the unpruned network / MACs)", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".pdf"):
+        fig.savefig(stem.with_suffix(suffix), dpi=130)
+    plt.close(fig)
+
+
+@RUN_MODES.register("quickstart")
+def quickstart(cfg: DictConfig) -> Dict[str, Any]:
+    ctx = prepare_run(cfg)
+    qs = cfg.task.get("quickstart")
+    if qs is None:
+        raise ConfigError(f"task {cfg.task.name} has no quickstart settings (task.quickstart.epochs, target_index); "
+                          "run the stages one by one, or use the default task: `python -m main run=quickstart`")
+    t0, timings = time.time(), {}
+
+    def timed(name: str, sub: DictConfig) -> Dict[str, Any]:
+        t = time.time()
+        log.info("quickstart: %s", name)
+        out = dispatch(sub)
+        timings[name] = round(time.time() - t, 1)
+        return out
+
+    timed("generate", _stage(cfg, "generate", index=0, num=int(cfg.task.data_models.num)))
+    timed("meta_train", _stage(cfg, "meta_train"))
+    epochs = sorted({0, *map(int, qs.epochs)})
+    vis = timed("visualize", _stage(cfg, "visualize", index=epochs))
+    epoch, scores = select_epoch(vis["curves"])
+    log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f; no metanetwork %.2f)",
+             epoch, scores[epoch], scores.get(0, float("nan")))
+    slot = int(qs.target_index)
+    timed("pretrain_final", _stage(cfg, "pretrain_final", index=slot))
+    rows = []
+    for target in map(float, cfg.task.pruning.target_speed_ups):
+        for variant, values in ((f"metanetwork (epoch {epoch})", {"meta_epoch": epoch}),
+                                ("no metanetwork", {"metanetwork": "none"})):
+            metrics = timed(f"pruning_final_{variant.split()[0]}_x{target:g}",
+                            _stage(cfg, "pruning_final", index=target, reproduce_index=slot, **values))
+            rows.append(_row(variant, metrics))
+    table = markdown_table(rows)
+    timings["total_s"] = round(time.time() - t0, 1)
+    summary = {"selected_epoch": epoch, "epoch_scores": scores, "rows": rows, "timings": timings,
+               "method": cfg.method.name, "task": cfg.task.name, "seed": int(cfg.seed)}
+    atomic_write_json(summary, ctx.run_dir / "quickstart_results.json")
+    write_csv(rows, ctx.run_dir / "quickstart_results.csv")
+    atomic_write_text(table, ctx.run_dir / "quickstart_results.md")
+    figure = Path(cfg.paths.figures_dir) / "quickstart_acc_vs_speed_up"
+    plot_results(rows, figure, f"{cfg.task.name}, {cfg.method.name}, seed {int(cfg.seed)}")
+    print(f"\n{table}\nselected metanetwork epoch {epoch}; results in {ctx.run_dir}; plot {figure}.png; "
+          f"{timings['total_s']:.0f} s in total")
+    return {**summary, "table": table, "figure": str(figure.with_suffix(".png"))}
