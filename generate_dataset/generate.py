@@ -1,9 +1,10 @@
 """``run=generate`` (``python -m generate_dataset``): produce the data models of one task, one shard at a time.
 
 Shard ``index`` makes the data models of slots ``index * num ... index * num + num - 1``. For each slot:
-train from scratch (``task.schedules.pretrain``), prune progressively to ``task.pruning.initial_speed_up``
-with the criterion of ``method``, fine-tune (``task.schedules.finetune_initial``), measure train and
-validation accuracy and loss, and append the result to ``<data_models_dir>/shard_<index>.h5``.
+train from scratch (``task.schedules.pretrain``), prune to the method's initial target
+(``task.pruning.initial_speed_up``; unstructured methods: ``initial_sparsity`` or their N:M pattern),
+fine-tune (``task.schedules.finetune_initial``), measure train and validation accuracy and loss, and append
+the result to ``<data_models_dir>/shard_<index>.h5``.
 
 Resuming: finished slots are in the shard file and are skipped; an unfinished slot continues from its own
 work folder (``work/slot<k>/``: the stage checkpoints of ``fit`` and the pruned network), which is deleted
@@ -26,8 +27,7 @@ from nn.models import describe_model
 from utils.checkpoint import load_model, save_model
 from utils.io import atomic_write_json
 from utils.pruning.macs import MacCounter
-from utils.pruning.methods import build_method
-from utils.pruning.progressive import loss_gradients, progressive_prune
+from utils.pruning.schemes import scheme_for
 from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from utils.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 
@@ -49,7 +49,7 @@ def make_data_model(cfg: DictConfig, ctx: RunContext, slot: int, splits, loaders
     """Train, prune and fine-tune the data model of ``slot``, resumable through ``work``."""
     seed = slot_seed(cfg.seed, slot)
     example = example_input(splits, ctx.device)
-    method = build_method(cfg.method)
+    scheme = scheme_for(cfg.method)
     pruned_path = work / "pruned.pt"
     timings: Dict[str, float] = {}
     reference = new_model(cfg, splits.num_classes, seed, ctx.device)  # the unpruned architecture
@@ -65,25 +65,23 @@ def make_data_model(cfg: DictConfig, ctx: RunContext, slot: int, splits, loaders
         train_stage(cfg, ctx, model, loaders, "pretrain", work, seed)
         timings["pretrain_s"] = time.time() - t
         t = time.time()
-        calibrate = (loss_gradients(method, lambda: iter(loaders["train"]), ctx.device)
-                     if method.needs_gradients else None)
-        result = progressive_prune(model, float(cfg.task.pruning.initial_speed_up), method, example,
-                                   base_macs=base_macs, calibrate=calibrate)
+        prune_info = scheme.prune(model, scheme.initial_target(cfg.task), example, base_macs,
+                                  lambda: iter(loaders["train"]), ctx.device)
         timings["prune_s"] = time.time() - t
-        prune_info = {"speed_up": result.speed_up, "macs": result.macs, "steps": result.steps}
         save_model(pruned_path, model, prune=prune_info, timings=timings)
     t = time.time()
-    train_stage(cfg, ctx, model, loaders, "finetune_initial", work, seed)
+    train_stage(cfg, ctx, model, loaders, "finetune_initial", work, seed,
+                after_backward=scheme.finetune_hook(model, example, "finetune_initial"))
     timings["finetune_s"] = time.time() - t
     metrics = evaluate_splits(model, loaders, ctx)
-    counter = MacCounter(model, example)
     info = {
-        "slot": slot, "seed": seed, **metrics, "speed_up": base_macs / counter(), "macs": counter(),
-        "base_macs": base_macs, "params": counter.params(), "base_params": base_params,
+        "slot": slot, "seed": seed, **metrics, **scheme.measure(model, example, base_macs),
+        "base_macs": base_macs, "base_params": base_params,
         "prune_steps": prune_info["steps"], "timings": timings, "task": cfg.task.name, "method": cfg.method.name,
         "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "dataset", "optim", "method")},
     }
-    log.info("slot %d: train acc %.2f, val acc %.2f, %.3fx", slot, info["train_acc"], info["val_acc"], info["speed_up"])
+    log.info("slot %d: train acc %.2f, val acc %.2f, %s %.3f", slot, info["train_acc"], info["val_acc"], scheme.axis,
+             info[scheme.axis])
     model.cpu()
     return DataModelRecord(slot, describe_model(model), info, model.state_dict())
 

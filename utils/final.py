@@ -10,7 +10,9 @@ scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots
    it, the baseline), and fine-tunes with the "after metanetwork" schedule (selection on validation);
    with ``method=sparse_learning`` that fine-tuning is Torch-Pruning's sparse learning (``regularize``);
 2. prunes progressively with the method's criterion until the speed-up (against the *unpruned*
-   network) reaches the target: never below it, at most one step above;
+   network) reaches the target: never below it, at most one step above (unstructured methods,
+   ``structure: unstructured``: ``index`` is the sparsity, the fraction of zeroed conv/linear weights,
+   and fine-tuning keeps the zeros; see :mod:`utils.pruning.schemes`);
 3. fine-tunes again ("after pruning" schedule), evaluates once on test, saves the pruned network as
    widths + state dict and writes ``metrics.json`` (accuracy of the base and pruned networks on val and
    test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings).
@@ -41,8 +43,7 @@ from utils.io import atomic_write_json, read_json
 from utils.latency import measure_latency
 from utils.meta_train import apply_metanetwork, load_metanetwork
 from utils.pruning.macs import MacCounter
-from utils.pruning.methods import build_method
-from utils.pruning.progressive import PruningError, build_pruner, loss_gradients, max_speed_up, progressive_prune
+from utils.pruning.schemes import scheme_for
 from utils.registry import Registry
 from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from utils.stages import data_for, evaluate_splits, example_input, train_stage
@@ -112,11 +113,9 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     info = payload["info"]
     splits, loaders = data_for(cfg, ctx)
     example = example_input(splits, ctx.device)
-    method = build_method(cfg.method)
-    reachable = max_speed_up(base_model, method, example, int(info["base_macs"]))
-    if target > reachable:  # before any fine-tuning
-        raise PruningError(f"a {target:g}x speed-up is unreachable for this network (at most about {reachable:.2f}x); "
-                           "choose a smaller index=...")
+    scheme = scheme_for(cfg.method)
+    base_macs = int(info["base_macs"])
+    scheme.check_target(base_model, target, example, base_macs)  # before any fine-tuning
     base = {f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}
 
     # 1. metanetwork (or not) and the after-metanetwork fine-tuning
@@ -127,11 +126,8 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
         metanet = load_metanetwork(cfg, item.graph, epoch, ctx.device) if use_meta else None
         with torch.no_grad():
             model = graph_to_model(apply_metanetwork(metanet, item.graph.to(ctx.device))).to(ctx.device)
-        regularize = None
-        if cfg.method.name == "sparse_learning":
-            pruner = build_pruner(model, method, example, steps=1)
-            regularize = pruner.regularize
-        train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out, seed, after_backward=regularize)
+        train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out, seed,
+                    after_backward=scheme.finetune_hook(model, example, "finetune_after_metanetwork"))
         timings["after_metanetwork_s"] = time.time() - t
         save_model(out / "after_metanetwork.pt", model, timings=timings)
     # 2. progressive pruning to the target
@@ -139,25 +135,24 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     if pruned is None:
         t = time.time()
         model.eval()
-        calibrate = loss_gradients(method, lambda: iter(loaders["train"]), ctx.device) if method.needs_gradients else None
-        result = progressive_prune(model, target, method, example, base_macs=int(info["base_macs"]), calibrate=calibrate)
+        result = scheme.prune(model, target, example, base_macs, lambda: iter(loaders["train"]), ctx.device)
         timings["prune_s"] = time.time() - t
-        save_model(out / "pruned.pt", model, prune={"speed_up": result.speed_up, "steps": result.steps}, timings=timings)
+        save_model(out / "pruned.pt", model, prune=result, timings=timings)
         pruned = model
     else:
         timings.update(stage["timings"])
     # 3. after-pruning fine-tuning, one test evaluation, metrics
     t = time.time()
-    train_stage(cfg, ctx, pruned, loaders, "finetune_after_pruning", out, seed)
+    train_stage(cfg, ctx, pruned, loaders, "finetune_after_pruning", out, seed,
+                after_backward=scheme.finetune_hook(pruned, example, "finetune_after_pruning"))
     timings["after_pruning_s"] = time.time() - t
     final = evaluate_splits(pruned, loaders, ctx, ("val", "test"))
-    counter, base_counter = MacCounter(pruned, example), MacCounter(base_model, example)
+    measured, base_counter = scheme.measure(pruned, example, base_macs), MacCounter(base_model, example)
     batch = torch.zeros(int(cfg.task.eval_batch_size), *example.shape[1:], device=ctx.device)
     metrics = {
         "task": cfg.task.name, "method": cfg.method.name, "metanetwork": cfg.metanetwork.name, "meta_epoch": epoch,
-        "reproduce_index": slot, "target_speed_up": target, "seed": seed, **base, **final,
-        "speed_up": int(info["base_macs"]) / counter(), "macs": counter(), "params": counter.params(),
-        "base_macs": int(info["base_macs"]), "target_macs": base_counter(), "target_params": base_counter.params(),
+        "reproduce_index": slot, f"target_{scheme.axis}": target, "axis": scheme.axis, "seed": seed, **base, **final,
+        **measured, "base_macs": base_macs, "target_macs": base_counter(), "target_params": base_counter.params(),
         "base_params": int(info["base_params"]),
         "latency": {"base": measure_latency(base_model, batch), "pruned": measure_latency(pruned, batch)},
         "timings": {**timings, "total_s": time.time() - t0},
@@ -165,7 +160,7 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     }
     save_model(out / "model.pt", pruned, metrics={k: v for k, v in metrics.items() if k != "config"})
     atomic_write_json(metrics, out / "metrics.json")
-    log.info("%s%s: %.3fx, test acc %.2f (target network %.2f), latency %.2f -> %.2f ms", cfg.method.name,
-             f" + metanetwork epoch {epoch}" if use_meta else "", metrics["speed_up"], final["test_acc"],
+    log.info("%s%s: %s %.3f, test acc %.2f (target network %.2f), latency %.2f -> %.2f ms", cfg.method.name,
+             f" + metanetwork epoch {epoch}" if use_meta else "", scheme.axis, metrics[scheme.axis], final["test_acc"],
              base["base_test_acc"], metrics["latency"]["base"]["latency_ms"], metrics["latency"]["pruned"]["latency_ms"])
     return metrics

@@ -6,7 +6,8 @@ One step per training data model (shuffled every epoch):
 2. ``W`` is copied into a *work copy* of the data model (eval mode: BatchNorm uses its stored statistics)
    and ``dL/dW`` is accumulated over ``batches_per_step`` training batches by ordinary backward passes
    through the network only;
-3. Torch-Pruning's ``GroupNormPruner.regularize`` adds the group-sparsity gradient to ``dL/dW``;
+3. Torch-Pruning's ``GroupNormPruner.regularize`` adds the group-sparsity gradient to ``dL/dW`` (for
+   unstructured methods, its per-weight counterpart; see :mod:`utils.pruning.schemes`);
 4. **one** vector-Jacobian product pushes the total ``dL/dW`` through the conversion and the metanetwork,
    then AdamW steps. (The published code backpropagated through the metanetwork once per batch.)
 
@@ -22,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.convert import NetworkGraph, graph_to_state_dict
 from utils.io import atomic_save, write_csv
 from utils.pruning.progressive import pruning_kwargs
+from utils.pruning.schemes import scheme_for
 from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from utils.stages import data_for, example_input
 
@@ -88,7 +90,7 @@ class _Work:
     """Per data model, built once: a work copy of the network, its pruner, the graph on the device."""
 
     model: torch.nn.Module
-    pruner: tp.pruner.GroupNormPruner
+    regularize: Callable[[torch.nn.Module], None]  # adds the sparsity gradient (GroupNormPruner.regularize)
     graph: NetworkGraph
     params: List[str]
 
@@ -98,17 +100,14 @@ class MetaTrainer:
         self.cfg, self.ctx, self.metanet, self.example = cfg, ctx, metanet, example
         self.mt = cfg.task.meta_train
         self._work: Dict[int, _Work] = {}
+        self.scheme = scheme_for(cfg.method)
 
     def work(self, item: DataModel) -> _Work:
         if item.slot not in self._work:
             model = copy.deepcopy(item.model).to(self.ctx.device).eval()
-            importance = tp.importance.GroupMagnitudeImportance(
-                p=int(self.cfg.method.get("p", 2)), normalizer=None, group_reduction="mean")
-            pruner = tp.pruner.GroupNormPruner(model, self.example, importance=importance,
-                                               reg=float(self.mt.pruner_reg), alpha=float(self.mt.alpha),
-                                               **pruning_kwargs(model))
+            regularize = self.scheme.meta_regularizer(model, self.example, self.mt)
             params = [n for n, _ in model.named_parameters()]
-            self._work[item.slot] = _Work(model, pruner, item.graph.to(self.ctx.device), params)
+            self._work[item.slot] = _Work(model, regularize, item.graph.to(self.ctx.device), params)
         return self._work[item.slot]
 
     def step(self, item: DataModel, batches: Iterator) -> Dict[str, Any]:
@@ -135,7 +134,7 @@ class MetaTrainer:
         t = time.perf_counter()
         params = dict(w.model.named_parameters())
         before = {n: p.grad.clone() for n, p in params.items()}
-        w.pruner.regularize(w.model, alpha=float(self.mt.alpha))
+        w.regularize(w.model)
         with torch.no_grad():  # the penalty whose gradient regularize added: reg/2 * sum gamma * w^2
             sparsity = 0.5 * sum(float(((p.grad - before[n]) * p).sum()) for n, p in params.items())
         times["regularize_s"] = time.perf_counter() - t

@@ -3,7 +3,8 @@
 For each listed epoch (0 = no metanetwork: the original data model), a *validation* data model is passed
 through that epoch's metanetwork, fine-tuned with the "after metanetwork" schedule (selection on the
 validation split), then pruned step by step **without** fine-tuning while the validation accuracy is
-recorded against the speed-up (relative to the unpruned network) up to ``task.visualize.max_speed_up``.
+recorded against the speed-up (relative to the unpruned network) up to ``task.visualize.max_speed_up``
+(unstructured methods: against the sparsity, up to ``task.visualize.max_sparsity`` or the sparsest N:M).
 A flatter curve that keeps its accuracy to a higher speed-up is a better metanetwork. Each curve is cached
 as JSON next to its fingerprint (settings and checkpoint digest), so a re-run only re-plots; all curves are
 drawn in one figure (PNG and PDF). The test split is never used here.
@@ -21,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json, read_json
 from utils.meta_train import apply_metanetwork, epoch_checkpoint, load_data_models, load_metanetwork
-from utils.pruning.methods import build_method
-from utils.pruning.progressive import loss_gradients, progressive_prune
+from utils.pruning.schemes import SCHEMES, scheme_for
 from utils.run_modes import RUN_MODES, ConfigError, prepare_run
 from utils.stages import data_for, example_input, train_stage
 from utils.train import evaluate
@@ -53,21 +53,22 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
     model = graph_to_model(graph).to(ctx.device)
     fit = train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out_dir / f"epoch_{epoch:03d}", seed)
     model.eval()
-    method = build_method(cfg.method)
+    scheme = scheme_for(cfg.method)
+    example = example_input(splits, ctx.device)
     base_macs = int(item.info["base_macs"])
+    limit = scheme.curve_limit(vis)
+    every = int(vis.eval_every) if scheme.axis == "speed_up" else 1  # unstructured curves have few, coarse steps
     points: List[Dict[str, float]] = []
 
-    def record(step: int, speed_up: float) -> None:
-        if step % int(vis.eval_every) == 0 or speed_up >= float(vis.max_speed_up):
+    def record(step: int, position: float) -> None:
+        if step % every == 0 or position >= limit - 1e-9:
             acc = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
-            points.append({"step": step, "speed_up": speed_up, "val_acc": acc})
+            points.append({"step": step, scheme.axis: position, "val_acc": acc})
 
-    record(0, float(item.info["speed_up"]))
-    calibrate = loss_gradients(method, lambda: iter(loaders["train"]), ctx.device) if method.needs_gradients else None
-    result = progressive_prune(model, float(vis.max_speed_up), method, example_input(splits, ctx.device),
-                               base_macs=base_macs, calibrate=calibrate, on_step=record)
+    record(0, scheme.position(model, example, base_macs))
+    result = scheme.prune(model, limit, example, base_macs, lambda: iter(loaders["train"]), ctx.device, on_step=record)
     return {"epoch": epoch, "slot": item.slot, "finetune_val_acc": fit.selected_val.get("acc"),
-            "points": points, "pruning_steps": result.steps}
+            "axis": scheme.axis, "points": points, "pruning_steps": result["steps"]}
 
 
 @RUN_MODES.register("visualize")
@@ -95,9 +96,11 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
             continue
         curves[epoch] = {**curve(cfg, ctx, item, epoch, splits, loaders, ctx.run_dir), "fingerprint": fingerprint}
         atomic_write_json(curves[epoch], cache)
+    axis = scheme_for(cfg.method).axis
     plot_curves(curves, ctx.run_dir / "acc_vs_speed_up", title=f"{cfg.task.name}, {cfg.method.name}, "
                 f"validation data model {item.slot}")
-    return {"curves": {e: c["points"] for e, c in curves.items()}, "figure": str(ctx.run_dir / "acc_vs_speed_up.png")}
+    return {"axis": axis, "curves": {e: c["points"] for e, c in curves.items()},
+            "figure": str(ctx.run_dir / "acc_vs_speed_up.png")}
 
 
 def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") -> None:
@@ -108,11 +111,13 @@ def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    axis = "speed_up"
     for epoch, c in sorted(curves.items()):
-        pts = c["points"]
+        pts, axis = c["points"], c.get("axis", "speed_up")
         label = "no metanetwork" if epoch == 0 else f"metanetwork epoch {epoch}"
-        ax.plot([p["speed_up"] for p in pts], [p["val_acc"] for p in pts], marker=".", label=label)
-    ax.set(xlabel="speed-up (MACs of the unpruned network / MACs)", ylabel="validation accuracy (%)",
+        ax.plot([p[axis] for p in pts], [p["val_acc"] for p in pts], marker=".", label=label)
+    ax.set(xlabel=SCHEMES.get("channels" if axis == "speed_up" else "unstructured").axis_label,
+           ylabel="validation accuracy (%)",
            title=title or "accuracy vs speed-up, pruning without fine-tuning")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -59,12 +59,12 @@ def test_interrupted_generation_resumes_without_losing_or_duplicating(tmp_path, 
     real = gen.train_stage
     calls, killed = [], []
 
-    def flaky(cfg_, ctx, model, loaders, stage, run_dir, seed):
+    def flaky(cfg_, ctx, model, loaders, stage, run_dir, seed, **kwargs):
         calls.append((run_dir.name, stage))
         if run_dir.name == "slot00001" and stage == "finetune_initial" and not killed:
             killed.append(True)
             raise Killed  # the process dies after slot 1 was pretrained and pruned
-        return real(cfg_, ctx, model, loaders, stage, run_dir, seed)
+        return real(cfg_, ctx, model, loaders, stage, run_dir, seed, **kwargs)
 
     monkeypatch.setattr(gen, "train_stage", flaky)
     with pytest.raises(Killed):
