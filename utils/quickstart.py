@@ -36,14 +36,24 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _stage(cfg: DictConfig, run: str, **values: Any) -> DictConfig:
-    """A copy of ``cfg`` for another run mode (its own run directory through the ``run_dir`` interpolation)."""
+SWAPPABLE_GROUPS = ("method", "metanetwork")  # plain config groups without a defaults list
+
+
+def stage_config(cfg: DictConfig, run: str, **values: Any) -> DictConfig:
+    """A copy of ``cfg`` for another run mode (its own run directory through the ``run_dir`` interpolation).
+
+    ``values`` are dotted keys to set; ``method=...`` and ``metanetwork=...`` swap the config group option
+    as the command-line override would."""
     sub = copy.deepcopy(cfg)
     with open_dict(sub):
         sub.run = run
         for key, value in values.items():
-            if key == "metanetwork":  # swap the config group option, as `metanetwork=none` would
-                sub.metanetwork = OmegaConf.load(CONFIG_DIR / "metanetwork" / f"{value}.yaml")
+            if key in SWAPPABLE_GROUPS:
+                path = CONFIG_DIR / key / f"{value}.yaml"
+                if not path.exists():
+                    options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+                    raise ConfigError(f"{key}={value}: no such option; valid: {', '.join(options)}")
+                sub[key] = OmegaConf.load(path)
             else:
                 OmegaConf.update(sub, key, value, force_add=True)
     return sub
@@ -126,21 +136,21 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
         timings[name] = round(time.time() - t, 1)
         return out
 
-    timed("generate", _stage(cfg, "generate", index=0, num=int(cfg.task.data_models.num)))
-    timed("meta_train", _stage(cfg, "meta_train"))
+    timed("generate", stage_config(cfg, "generate", index=0, num=int(cfg.task.data_models.num)))
+    timed("meta_train", stage_config(cfg, "meta_train"))
     epochs = sorted({0, *map(int, qs.epochs)})
-    vis = timed("visualize", _stage(cfg, "visualize", index=epochs))
+    vis = timed("visualize", stage_config(cfg, "visualize", index=epochs))
     epoch, scores = select_epoch(vis["curves"])
     log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f; no metanetwork %.2f)",
              epoch, scores[epoch], scores.get(0, float("nan")))
     slot = int(qs.target_index)
-    timed("pretrain_final", _stage(cfg, "pretrain_final", index=slot))
+    timed("pretrain_final", stage_config(cfg, "pretrain_final", index=slot))
     rows = []
     for target in map(float, cfg.task.pruning.target_speed_ups):
         for variant, values in ((f"metanetwork (epoch {epoch})", {"meta_epoch": epoch}),
                                 ("no metanetwork", {"metanetwork": "none"})):
             metrics = timed(f"pruning_final_{variant.split()[0]}_x{target:g}",
-                            _stage(cfg, "pruning_final", index=target, reproduce_index=slot, **values))
+                            stage_config(cfg, "pruning_final", index=target, reproduce_index=slot, **values))
             rows.append(_row(variant, metrics))
     table = markdown_table(rows)
     timings["total_s"] = round(time.time() - t0, 1)
