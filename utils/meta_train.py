@@ -141,8 +141,11 @@ class MetaTrainer:
         grads = [params[n].grad for n in w.params]
         finite = math.isfinite(task_loss) and math.isfinite(sparsity) and all(torch.isfinite(g).all() for g in grads)
         t = time.perf_counter()
+        # Tensors the metanetwork passes through unchanged (a ViT's class token and position embedding)
+        # have no graph to push their gradient into.
+        edited = [i for i, n in enumerate(w.params) if state[n].requires_grad]
         if finite:  # one vector-Jacobian product through the conversion and the metanetwork
-            torch.autograd.backward([state[n] for n in w.params], grads)
+            torch.autograd.backward([state[w.params[i]] for i in edited], [grads[i] for i in edited])
         times["metanet_bwd_s"] = time.perf_counter() - t
         return {"task_loss": task_loss, "sparsity": sparsity, "finite": finite, **times}
 

@@ -5,6 +5,11 @@ evaluates on the validation split after every epoch, writes a resumable checkpoi
 (atomically) and a CSV of the history, and finally keeps the weights of the epoch selected on the
 validation split (``select: best``) or the last epoch (``select: last``). The test split is never
 looked at here: callers evaluate it once, at the very end.
+
+Under ``torchrun`` (a process group with several ranks, see ``utils/distributed.py``) the same call trains
+with DistributedDataParallel: loaders built by ``sharded_loaders`` give each rank its share of the data,
+``fit`` calls the sampler's ``set_epoch``, losses and accuracies are summed over the ranks, every rank reads
+the same checkpoint on resume, and only rank 0 writes files. In a single process nothing changes.
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter(loader) eagerly, a 2nd DataLoader iterator
 
+from utils import distributed as du
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.io import atomic_save, write_csv
+from utils.mixing import BatchMix, mixed_cross_entropy
 from utils.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,10 @@ def evaluate(
     limit_batches: Optional[int] = None,
     amp: bool = False,
 ) -> Dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy (in %) of ``model`` over ``loader`` in eval mode."""
+    """Mean cross-entropy and top-1 accuracy (in %) of ``model`` over ``loader`` in eval mode.
+
+    When ``loader`` reads only this rank's share (``utils.distributed.is_sharded``) the sums are reduced
+    over the ranks, so every rank gets the figures of the whole split; every rank must then call it."""
     was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -79,6 +89,9 @@ def evaluate(
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.numel()
     model.train(was_training)
+    if du.is_sharded(loader):
+        loss_sum, correct, seen = du.all_reduce_sum([loss_sum, correct, seen])
+        seen = int(seen)
     if seen == 0:
         raise ValueError("evaluation loader yielded no batches (empty split, or limit_eval_batches=0)")
     return {"loss": loss_sum / seen, "acc": 100.0 * correct / seen, "n": seen}
@@ -96,11 +109,13 @@ def train_one_epoch(
     desc: str = "train",
     progress: bool = True,
     after_backward: Optional[Callable[[torch.nn.Module], None]] = None,
+    mix: Optional[BatchMix] = None,
 ) -> Dict[str, float]:
     """One pass over ``loader``; returns mean training loss and accuracy (%) of the seen batches.
 
     ``after_backward(model)`` runs between the backward pass and the optimiser step on unscaled gradients
-    (sparse learning: Torch-Pruning's ``pruner.regularize``)."""
+    (sparse learning: Torch-Pruning's ``pruner.regularize``). ``mix`` applies Mixup/CutMix to each batch
+    (the accuracy then counts each label by its share). ``model`` may be a DDP wrapper."""
     model.train()
     amp = scaler is not None and scaler.is_enabled()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -110,9 +125,10 @@ def train_one_epoch(
         if i >= total:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y_partner, lam = mix(x, y) if mix is not None else (x, y, 1.0)
         with _autocast(device, amp):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = mixed_cross_entropy(logits.float(), y, y_partner, lam, label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{desc}: the training loss became {loss.item()} at batch {i}; lower the learning rate or disable "
@@ -137,9 +153,12 @@ def train_one_epoch(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         loss_sum += loss.item() * y.numel()
-        correct += (logits.argmax(1) == y).sum().item()
+        pred = logits.argmax(1)
+        correct += lam * (pred == y).sum().item() + (1.0 - lam) * (pred == y_partner).sum().item()
         seen += y.numel()
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+    if du.is_sharded(loader):
+        loss_sum, correct, seen = du.all_reduce_sum([loss_sum, correct, seen])
     return {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1)}
 
 
@@ -193,7 +212,8 @@ def fit(
     Args:
         loaders: needs ``"train"`` and ``"val"``.
         schedule: ``epochs``, ``lr``, ``milestones``, ``gamma``, ``label_smoothing``, ``scheduler``
-            (``multistep`` | ``cosine``), ``warmup_epochs``, ``grad_clip``, ``select`` (``best`` | ``last``).
+            (``multistep`` | ``cosine``), ``warmup_epochs``, ``grad_clip``, ``select`` (``best`` | ``last``),
+            ``mixup_alpha`` / ``cutmix_alpha`` / ``mix_prob`` / ``switch_prob`` (see ``utils/mixing.py``).
         optim_cfg: the ``optim`` config group (``name``, ``momentum``, ``weight_decay``, ``amp``, ...).
         run_dir: where ``{name}_last.pt`` (resumable state), ``{name}_best.pt`` and ``{name}_history.csv``
             go; ``None`` disables checkpointing.
@@ -212,6 +232,8 @@ def fit(
     select = schedule.get("select", "best")
     if select not in ("best", "last"):
         raise ValueError(f"schedule.select={select!r}; use 'best' (validation accuracy) or 'last'")
+    mix = BatchMix.from_schedule(schedule)
+    rank, main = du.get_rank(), du.is_main()
 
     result = FitResult()
     best_state: Optional[Dict[str, torch.Tensor]] = None
@@ -219,6 +241,7 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else None
     last_path = run_dir / f"{name}_last.pt" if run_dir else None
     best_path = run_dir / f"{name}_best.pt" if run_dir else None
+    du.barrier()  # rank 0 finished writing whatever an earlier stage left; all ranks see the same files
     if resume and last_path is not None and last_path.exists():
         ckpt = load_checkpoint(last_path, map_location=device)
         _check_compatible(model, ckpt["model"], last_path)
@@ -234,21 +257,30 @@ def fit(
         log.info("%s: resumed from %s after epoch %d/%d", name, last_path, start, epochs)
 
     t0 = time.time()
+    # Several ranks: DDP averages the gradients in backward (the wrapper shares the model's parameters, so
+    # the optimiser and the checkpoints keep working on ``model`` itself).
+    trained = du.wrap_ddp(model, device)
     for epoch in range(start, epochs):
-        # Seeding per epoch makes shuffling and augmentation identical whether or not the run was resumed.
-        torch.manual_seed(seed * 100003 + epoch)
+        # Seeding per epoch makes shuffling and augmentation identical whether or not the run was resumed;
+        # the rank offset (0 on rank 0) gives each rank its own augmentation draws.
+        torch.manual_seed(seed * 100003 + epoch + 7919 * rank)
         generator = getattr(loaders["train"], "generator", None)
         if generator is not None:
             generator.manual_seed(seed * 100003 + epoch)
+        if hasattr(getattr(loaders["train"], "sampler", None), "set_epoch"):
+            loaders["train"].sampler.set_epoch(epoch)  # DistributedSampler: a new, seeded order per epoch
         te = time.time()
         train = train_one_epoch(
-            model, loaders["train"], optimizer, device,
+            trained, loaders["train"], optimizer, device,
             label_smoothing=float(schedule.get("label_smoothing", 0.0)),
             grad_clip=schedule.get("grad_clip"), scaler=scaler, limit_batches=limits.train_batches,
-            desc=f"{name} {epoch + 1}/{epochs}", progress=progress, after_backward=after_backward,
+            desc=f"{name} {epoch + 1}/{epochs}", progress=progress and main, after_backward=after_backward, mix=mix,
         )
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        # BatchNorm statistics drift apart across ranks (each saw its own batches): keep rank 0's, which
+        # are the ones saved, so that every rank evaluates and selects with exactly the saved model.
+        du.broadcast_state(model, buffers_only=True)
         val = evaluate(model, loaders["val"], device, limits.eval_batches, amp=amp)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - te}
@@ -260,9 +292,9 @@ def fit(
             result.selected_epoch, result.selected_val = epoch + 1, {"loss": val["loss"], "acc": val["acc"]}
             if select == "best":
                 best_state = copy.deepcopy(model.state_dict())
-                if best_path is not None:
+                if best_path is not None and main:
                     atomic_save({"model": best_state, "epoch": epoch + 1}, best_path)
-        if run_dir is not None:
+        if run_dir is not None and main:
             atomic_save({
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": result.history,
