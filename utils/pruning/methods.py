@@ -4,17 +4,41 @@ A method config names an ``importance`` kind (``group_magnitude``, ``random``, `
 ``lamp``, ``fpgm``, ``hessian``) plus its options; :func:`build_method` turns it into a
 :class:`PruningMethod`: the Torch-Pruning importance object, the pruner class (``BasePruner``, or
 ``GroupNormPruner`` for sparse learning) and whether the criterion needs gradients from data first.
+
+A method config may also name a ``group_hook`` (registered in :data:`GROUP_HOOKS`, e.g. ``intra_fusion``):
+an object that changes *how* a group is pruned rather than *which* channels go. Progressive pruning calls
+its ``prepare(model, pruner)`` once and its ``before_prune(group, idxs, pruner)`` for every group right
+before Torch-Pruning removes the channels ``idxs`` (interactive pruning).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
+import torch
 import torch_pruning as tp
 
 from utils.registry import Registry
 
 IMPORTANCES: Registry[Callable[[Mapping[str, Any]], tp.importance.Importance]] = Registry("pruning importance")
+
+
+class PruningError(ValueError):
+    """The requested pruning cannot be done (e.g. an unreachable speed-up, an unsupported layer type)."""
+
+
+class GroupHook(Protocol):
+    """Changes how each group is pruned (see the module docstring); built from the method config."""
+
+    def prepare(self, model: torch.nn.Module, pruner: tp.pruner.BasePruner) -> None:
+        """Called once after the pruner is built and before the first step (e.g. to fold BatchNorm)."""
+
+    def before_prune(self, group: tp.Group, idxs: List[int], pruner: tp.pruner.BasePruner) -> None:
+        """Called with a group and its to-be-pruned channel indices (root layer) before ``group.prune()``."""
+
+
+# name -> fn(method config, importance) -> GroupHook
+GROUP_HOOKS: Registry[Callable[[Mapping[str, Any], tp.importance.Importance], GroupHook]] = Registry("group hook")
 
 
 @dataclass
@@ -29,6 +53,7 @@ class PruningMethod:
     per_sample_gradients: bool = False
     calibration_batches: int = 0
     global_pruning: bool = True
+    group_hook: Optional[GroupHook] = None  # e.g. Intra-Fusion: fuse the pruned channels into the kept ones
 
 
 def _normalizer(cfg: Mapping[str, Any], default: Any = "mean") -> Any:
@@ -85,6 +110,12 @@ def build_method(cfg: Mapping[str, Any]) -> PruningMethod:
         # DepGraph + SL: GroupNormPruner's regularize() is applied while training, then it prunes.
         method.pruner_cls = tp.pruner.GroupNormPruner
         method.pruner_kwargs = {"reg": float(cfg.get("reg", 5e-4)), "alpha": float(cfg.get("alpha", 4))}
+    if cfg.get("group_hook"):
+        method.group_hook = GROUP_HOOKS.get(cfg["group_hook"])(cfg, importance)
     if method.needs_gradients and method.calibration_batches < 1:
         method.calibration_batches = 1
     return method
+
+
+# Modules that register group hooks; imported last because they import this module's registries.
+import utils.pruning.intra_fusion  # noqa: F401

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from utils.pruning.macs import MacCounter
-from utils.pruning.methods import PruningMethod
+from utils.pruning.methods import PruningError, PruningMethod
 
 log = logging.getLogger(__name__)
 
 
-class PruningError(ValueError):
-    """The requested pruning cannot be done (e.g. an unreachable speed-up)."""
+__all__ = ["PruneResult", "PruningError", "build_pruner", "loss_gradients", "max_speed_up", "progressive_prune",
+           "prune_step", "pruning_kwargs"]
 
 
 @dataclass
@@ -89,6 +89,17 @@ def max_speed_up(model: torch.nn.Module, method: PruningMethod, example_input: t
     return base_macs / MacCounter(probe, example_input)()
 
 
+def prune_step(pruner: tp.pruner.BasePruner, method: PruningMethod) -> None:
+    """One pruner step; with a group hook, each group passes through it right before it is pruned."""
+    hook = method.group_hook
+    if hook is None:
+        pruner.step()
+        return
+    for group in pruner.step(interactive=True):
+        hook.before_prune(group, list(group[0].idxs), pruner)  # group[0] is the root layer: idxs == channels
+        group.prune()
+
+
 def loss_gradients(method: PruningMethod, batches: Callable[[], Any], device: torch.device) -> Callable:
     """A ``calibrate(model)`` that fills the gradients a data-driven criterion (Taylor, Hessian) reads."""
 
@@ -146,10 +157,12 @@ def progressive_prune(
             "Choose a smaller target.")
     model.eval()
     pruner = build_pruner(model, method, example_input, steps)
+    if method.group_hook is not None:
+        method.group_hook.prepare(model, pruner)
     for step in range(1, steps + 1):
         if calibrate is not None:
             calibrate(model)
-        pruner.step()
+        prune_step(pruner, method)
         _after_pruning(model)
         macs = counter()
         history.append({"step": step, "macs": macs, "speed_up": base_macs / macs})
