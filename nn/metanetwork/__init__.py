@@ -7,7 +7,9 @@ Usage::
     new_graph = meta(graph)                              # same layout, edited features
 
 Modules: :mod:`~nn.metanetwork.scatter` (segment reductions), :mod:`~nn.metanetwork.layers` (the fast
-layer and its PyG reference), :mod:`~nn.metanetwork.model` (encoders, layers, decoders).
+layer and its PyG reference), :mod:`~nn.metanetwork.fused` (the layer's edge work as one autograd Function),
+:mod:`~nn.metanetwork.kernels` (its fused C kernels on CPU), :mod:`~nn.metanetwork.model` (encoders, layers,
+decoders).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ METANETWORKS.register("graph_metanetwork")(GraphMetanetwork)
 
 # keys of configs/metanetwork/*.yaml passed to the class (besides `name`)
 _CONFIG_KEYS = ("num_layers", "hidden_dim", "node_ratio", "edge_ratio", "checkpoint", "activation", "layer",
-                "backend")
+                "backend", "kernels")
 
 
 def build_metanetwork(cfg: Mapping[str, Any], graph: NetworkGraph) -> Optional[GraphMetanetwork]:

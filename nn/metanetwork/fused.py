@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nn.metanetwork import scatter as sc
+from nn.metanetwork.kernels import get_kernels
 
 # activation name -> (f(x), g * f'(x) given g, x and y = f(x)): the fused aten backward kernels, one pass each
 ACTIVATIONS: Dict[str, Tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]] = {
@@ -85,7 +86,11 @@ class EdgePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e: Tensor, ps: Tensor, pt: Tensor, a: Tensor, b: Tensor, weight: Tensor, src: Tensor,
                 dst: Tensor, num_nodes: int, activation: str, backend: Optional[str], block: Optional[int],
-                keep: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                keep: bool, kernels: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        kern = get_kernels(e.shape[1], activation, e.dtype, e.device) if kernels else None
+        if kern is not None:
+            return _forward_kernel(ctx, kern, e, ps, pt, a, b, weight, src, dst, num_nodes, keep)
+        ctx.kern = None
         act = ACTIVATIONS[activation][0]
         E, H = e.shape
         n2 = 2 * num_nodes
@@ -132,6 +137,8 @@ class EdgePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_agg_f: Tensor, g_agg_b: Tensor, g_e_new: Tensor):
+        if ctx.kern is not None:
+            return _backward_kernel(ctx, g_agg_f, g_agg_b, g_e_new)
         e, ps, pt, a, b, weight, src, dst, deg, mean, std, mx, mn, *pre = ctx.saved_tensors
         n, backend, rows = ctx.num_nodes, ctx.backend, ctx.rows
         act, act_grad = ACTIVATIONS[ctx.activation]
@@ -185,7 +192,46 @@ class EdgePass(torch.autograd.Function):
             shares = [torch.where(cnt > 1, g / cnt - g, 0.0) for g, cnt in ((g_max, cnt_max), (g_min, cnt_min))]
             _share_ties(ties.any(1), shares, (e, ps, pt, weight, src, dst, mx, mn), n, act, act_grad,
                         (g_e, g_ps, g_pt, g_w))
-        return g_e, g_ps, g_pt, g_a, g_b, g_w, None, None, None, None, None, None, None
+        return g_e, g_ps, g_pt, g_a, g_b, g_w, None, None, None, None, None, None, None, None
+
+
+def _forward_kernel(ctx, kern, e: Tensor, ps: Tensor, pt: Tensor, a: Tensor, b: Tensor, weight: Tensor, src: Tensor,
+                    dst: Tensor, n: int, keep: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """:meth:`EdgePass.forward` with the fused C kernel: one pass over the edges, see :mod:`~nn.metanetwork.kernels`.
+
+    Saves the pre-activations as one ``(E, 2H)`` tensor and the max/min hit counts, from which backward shares
+    the gradient of tied extremes directly (no tie correction pass).
+    """
+    E, H = e.shape
+    e, a, b = e.contiguous(), a.contiguous(), b.contiguous()
+    pre = e.new_empty(E, 2 * H) if keep else None
+    stats, e_new = kern.forward(e, ps.contiguous(), pt.contiguous(), a, b, weight.t().contiguous(), src, dst, pre)
+    total, squares, mx, cnt_max, mn, cnt_min = stats.unbind(0)
+    deg = torch.cat([torch.bincount(dst, minlength=n), torch.bincount(src, minlength=n)]).to(e.dtype).unsqueeze(1)
+    empty, deg = deg == 0, deg.clamp(min=1)
+    mean = total.div_(deg)
+    std = squares.div_(deg).sub_(mean * mean).clamp_(min=sc.STD_EPS).sqrt_()  # as scatter.segment_std
+    std.masked_fill_(std <= sc.STD_EPS ** 0.5, 0.0)
+    mx.masked_fill_(empty, 0.0)
+    mn.masked_fill_(empty, 0.0)
+    agg = torch.cat([mean, std, mx, mn], dim=1)  # (2N, 4H)
+    ctx.save_for_backward(e, a, b, weight, src, dst, deg, mean, std, mx, mn, cnt_max, cnt_min, pre)
+    ctx.kern, ctx.num_nodes = kern, n
+    return agg[:n], agg[n:], e_new
+
+
+def _backward_kernel(ctx, g_agg_f: Tensor, g_agg_b: Tensor, g_e_new: Tensor):
+    """:meth:`EdgePass.backward` with the fused C kernel (one pass over the edges)."""
+    e, a, b, weight, src, dst, deg, mean, std, mx, mn, cnt_max, cnt_min, pre = ctx.saved_tensors
+    g_mean, g_std, g_max, g_min = torch.cat([g_agg_f, g_agg_b]).chunk(4, dim=1)
+    g_var = torch.where(std > 0, g_std / (2 * std).clamp(min=1e-30), torch.zeros_like(std))
+    coef_b = 2 * g_var / deg
+    coef_a = g_mean / deg - coef_b * mean
+    # tied extremes share the gradient equally (as torch.scatter_reduce does): G / hits per segment and channel
+    coef = torch.stack([coef_a, coef_b, mx, g_max / cnt_max.clamp(min=1), mn, g_min / cnt_min.clamp(min=1)])
+    grads, g_w, g_e = ctx.kern.backward(e, g_e_new.contiguous(), pre, a, b, weight.contiguous(), src, dst, coef)
+    g_ps, g_pt, g_a, g_b = grads.unbind(0)
+    return g_e, g_ps, g_pt, g_a, g_b, g_w, None, None, None, None, None, None, None, None
 
 
 def _share_ties(tied: Tensor, shares: List[Tensor], saved: Tuple[Tensor, ...], n: int, act: Callable,
@@ -226,8 +272,13 @@ def _share_ties(tied: Tensor, shares: List[Tensor], saved: Tuple[Tensor, ...], n
 
 
 def edge_pass(e: Tensor, ps: Tensor, pt: Tensor, a: Tensor, b: Tensor, weight: Tensor, edge_index: Tensor,
-              activation: str, backend: Optional[str] = None, block: Optional[int] = None) -> List[Tensor]:
-    """Functional form of :class:`EdgePass`: ``[agg_f (N, 4H), agg_b (N, 4H), e_new (E, H)]``."""
+              activation: str, backend: Optional[str] = None, block: Optional[int] = None,
+              kernels: bool = True) -> List[Tensor]:
+    """Functional form of :class:`EdgePass`: ``[agg_f (N, 4H), agg_b (N, 4H), e_new (E, H)]``.
+
+    ``kernels``: use the fused C kernels of :mod:`nn.metanetwork.kernels` where they apply (float32 on CPU).
+    """
     src, dst = edge_index[0].contiguous(), edge_index[1].contiguous()
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (e, ps, pt, a, b, weight))
-    return list(EdgePass.apply(e, ps, pt, a, b, weight, src, dst, ps.shape[0], activation, backend, block, keep))
+    return list(EdgePass.apply(e, ps, pt, a, b, weight, src, dst, ps.shape[0], activation, backend, block, keep,
+                               kernels))

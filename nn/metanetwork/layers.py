@@ -89,10 +89,10 @@ class EdgeMessageLayer(_LayerParams, torch.nn.Module):
     """
 
     def __init__(self, hidden_dim: int, activation: str = "silu", backend: Optional[str] = None,
-                 block: Optional[int] = None) -> None:
+                 block: Optional[int] = None, kernels: bool = True) -> None:
         torch.nn.Module.__init__(self)
         self._build_params(hidden_dim, activation)
-        self.backend, self.block = backend, block
+        self.backend, self.block, self.kernels = backend, block, kernels
 
     def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
         H = self.hidden_dim
@@ -102,7 +102,7 @@ class EdgeMessageLayer(_LayerParams, torch.nn.Module):
         pt = F.linear(hn, w_dst)  # (N, H): message term of the target node
         a, b = self.act(self.gate_src(hn)), self.act(self.gate_dst(hn))  # (N, H): edge-update gates
         agg_fwd, agg_bwd, e_new = edge_pass(e, ps, pt, a, b, w_edge, edge_index, self.activation,
-                                            self.backend, self.block)
+                                            self.backend, self.block, self.kernels)
         return h + self.post(agg_fwd) + self.post(agg_bwd), e_new
 
 

@@ -51,12 +51,14 @@ class GraphMetanetwork(torch.nn.Module):
         constant_edges: edge types whose features are constant (no decoder, passed through).
         layer: "fast" (:class:`EdgeMessageLayer`) or "pyg" (the reference :class:`PyGEdgeMessageLayer`).
         backend: scatter backend of the fast layer (None: torch_scatter when installed, else plain torch).
+        kernels: let the fast layer use the fused C kernels of :mod:`nn.metanetwork.kernels` where they apply
+            (float32 on CPU); False forces the eager torch path.
     """
 
     def __init__(self, node_in: int, edge_dims: Dict[str, int], hidden_dim: int, num_layers: int,
                  node_ratio: float, edge_ratio: float, num_node_types: int = 4, checkpoint: bool = False,
                  activation: str = "silu", constant_edges: Iterable[str] = (), layer: str = "fast",
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, kernels: bool = True) -> None:
         super().__init__()
         get_activation(activation)
         self.edge_types = list(edge_dims)
@@ -69,7 +71,8 @@ class GraphMetanetwork(torch.nn.Module):
         self.type_emb = torch.nn.Embedding(num_node_types, hidden_dim)
         self.edge_enc = torch.nn.ModuleDict({t: MLP(d, hidden_dim, hidden_dim, activation) for t, d in edge_dims.items()})
         if layer == "fast":
-            self.layers = torch.nn.ModuleList(EdgeMessageLayer(hidden_dim, activation, backend) for _ in range(num_layers))
+            self.layers = torch.nn.ModuleList(EdgeMessageLayer(hidden_dim, activation, backend, kernels=kernels)
+                                              for _ in range(num_layers))
         elif layer == "pyg":
             self.layers = torch.nn.ModuleList(PyGEdgeMessageLayer(hidden_dim, activation) for _ in range(num_layers))
         else:
