@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
 _MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse",
-                 "utils.quickstart", "utils.metapruning.pipeline"]
+                 "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark"]
 
 
 class ConfigError(ValueError):
