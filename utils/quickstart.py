@@ -28,12 +28,11 @@ from typing import Any, Dict, List
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from configs import load_group_option
 from utils.io import atomic_write_json, atomic_write_text, write_csv
 from utils.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 SWAPPABLE_GROUPS = ("method", "metanetwork")  # plain config groups without a defaults list
@@ -49,11 +48,10 @@ def stage_config(cfg: DictConfig, run: str, **values: Any) -> DictConfig:
         sub.run = run
         for key, value in values.items():
             if key in SWAPPABLE_GROUPS:
-                path = CONFIG_DIR / key / f"{value}.yaml"
-                if not path.exists():
-                    options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-                    raise ConfigError(f"{key}={value}: no such option; valid: {', '.join(options)}")
-                sub[key] = OmegaConf.load(path)
+                try:
+                    sub[key] = load_group_option(key, str(value))
+                except FileNotFoundError as err:
+                    raise ConfigError(str(err)) from None
             else:
                 OmegaConf.update(sub, key, value, force_add=True)
     return sub

@@ -1,23 +1,37 @@
 import pytest
 import torch
-import torchvision
 import torch_pruning as tp
-from omegaconf import OmegaConf
+import torchvision
 
+from configs import load_group_option
 from data_loaders import build_datasets, build_loaders
 from nn.models import create_model
 from utils.checkpoint import load_model, save_model
 from utils.pruning.macs import MacCounter, count_macs_params
 from utils.pruning.methods import build_method
-from utils.pruning.progressive import PruningError, loss_gradients, pruning_kwargs, progressive_prune
+from utils.pruning.progressive import (
+    PruningError,
+    loss_gradients,
+    progressive_prune,
+    pruning_kwargs,
+)
 from utils.registry import UnknownNameError
 
 METHOD_DIR = __import__("pathlib").Path(__file__).resolve().parents[3] / "configs" / "method"
-METHODS = sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+_CONFIGS = {p.stem: load_group_option("method", p.stem) for p in sorted(METHOD_DIR.glob("*.yaml"))}
+# Channel-pruning criteria run through progressive_prune; unstructured methods through their scheme
+# (tests/utils/pruning/test_unstructured.py); width-search pipelines end to end in tests/utils/metapruning.
+METHODS = [n for n, c in _CONFIGS.items() if "pipeline" not in c and c.get("structure", "channels") == "channels"]
+OTHER_METHODS = [n for n in _CONFIGS if n not in METHODS]
+
+
+def test_every_method_config_is_covered_by_one_kind_of_test():
+    assert {"group_l2_max", "sparse_learning", "intra_fusion"} <= set(METHODS)
+    assert set(OTHER_METHODS) == {"metapruning", "rewarded_metapruning", "unstructured_l1", "nm_2_4"}
 
 
 def _method(name):
-    return build_method(OmegaConf.load(METHOD_DIR / f"{name}.yaml"))
+    return build_method(_CONFIGS[name])
 
 
 def _trained_like(name, num_classes=10):
@@ -106,3 +120,12 @@ def test_gradient_methods_need_data_and_unknown_criteria_are_listed():
         progressive_prune(_trained_like("resnet8"), 1.5, _method("taylor"), torch.randn(1, 3, 32, 32))
     with pytest.raises(UnknownNameError, match="group_magnitude"):
         build_method({"importance": "l3"})
+
+
+def test_group_options_with_a_defaults_list_load_like_hydra_composes_them():
+    reward = load_group_option("method", "rewarded_metapruning")
+    base = load_group_option("method", "metapruning")
+    assert reward.pipeline == base.pipeline == "metapruning" and reward.fitness == "reward"
+    assert reward.name == "rewarded_metapruning" and reward.search == base.search
+    with pytest.raises(FileNotFoundError, match="method=nope: no such option; valid: .*group_l2_max"):
+        load_group_option("method", "nope")
