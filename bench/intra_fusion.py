@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--speed-ups", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--methods", nargs="+", default=["group_l2_max", "intra_fusion", "intra_fusion_exact"])
     parser.add_argument("--extra", nargs="*", default=["intra_fusion:marginals=importance",
-                                                       "intra_fusion_exact:marginals=importance"],
+                                                       "intra_fusion_exact:marginals=importance",
+                                                       "intra_fusion:transport=nearest",
+                                                       "intra_fusion_exact:transport=nearest"],
                         help="more methods as name:key=value,... (method config overrides)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for the task (dataset)")
