@@ -40,11 +40,12 @@ from main_imagenet.context import (
 from main_imagenet.stages import STAGES
 from nn.metanetwork import build_metanetwork
 from utils import distributed as du
-from utils.checkpoint import CheckpointError, load_checkpoint, save_model
+from utils.checkpoint import save_model
 from utils.convert import graph_to_model
 from utils.io import atomic_save, atomic_write_json, read_json, write_csv
 from utils.latency import measure_latency
 from utils.meta_train import (
+    MetaState,
     MetaTrainer,
     apply_metanetwork,
     epoch_checkpoint,
@@ -93,24 +94,14 @@ def meta_train(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(seed)
     metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
     wrapped = du.wrap_ddp(metanet, ctx.device, find_unused_parameters=bool(cfg.dist.find_unused_parameters))
-    optimizer = torch.optim.AdamW(metanet.parameters(), lr=float(mt.lr), weight_decay=float(mt.weight_decay))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones), gamma=float(mt.get("gamma", 0.1)))
     trainer = MetaTrainer(cfg, ctx, wrapped, example)
-    epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
-    last, rows, val_rows, start = meta_dir / "meta_last.pt", [], [], 0
     fingerprint = {"metanetwork": resolved(cfg, "metanetwork")["metanetwork"], "slots": train_set.slots,
                    "meta_train": {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"},
                    "seed": seed, "ranks": world}
-    if cfg.resume and last.exists():  # every rank reads the same file
-        ckpt = load_checkpoint(last, map_location=ctx.device)
-        if ckpt["fingerprint"] != fingerprint:
-            raise CheckpointError(f"{last} belongs to a meta-training with other settings (or another number of "
-                                  "ranks); re-run with them, or pass resume=false to start over")
-        metanet.load_state_dict(ckpt["metanetwork"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start, rows, val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
-        log.info("meta_train: resumed after epoch %d/%d from %s", start, epochs, last)
+    state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
+    optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
+                                                           state.start, state.rows, state.val_rows)
+    last = state.path
     if start == 0:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0))
     bad = 0

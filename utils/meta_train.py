@@ -150,6 +150,41 @@ class MetaTrainer:
         return {"task_loss": task_loss, "sparsity": sparsity, "finite": finite, **times}
 
 
+@dataclass
+class MetaState:
+    """AdamW + MultiStepLR of meta-training and where it (re)starts; shared by ``main_imagenet``."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epochs: int
+    start: int
+    rows: List[Dict[str, Any]]
+    val_rows: List[Dict[str, Any]]
+    path: Path
+
+    @classmethod
+    def load_or_new(cls, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, path: Path,
+              fingerprint: Dict[str, Any]) -> "MetaState":
+        """Fresh optimiser state, or the one of ``path`` (``meta_last.pt``) when resuming with equal settings."""
+        mt = cfg.task.meta_train
+        optimizer = torch.optim.AdamW(metanet.parameters(), lr=float(mt.lr), weight_decay=float(mt.weight_decay))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones),
+                                                         gamma=float(mt.get("gamma", 0.1)))
+        epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
+        state = cls(optimizer, scheduler, epochs, 0, [], [], path)
+        if cfg.resume and path.exists():  # every rank (main_imagenet) reads the same file
+            ckpt = load_checkpoint(path, map_location=ctx.device)
+            if ckpt["fingerprint"] != fingerprint:
+                raise CheckpointError(f"{path} belongs to a meta-training with other settings (or another number "
+                                      "of ranks); re-run with them, or pass resume=false (or another run_name)")
+            metanet.load_state_dict(ckpt["metanetwork"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            state.start, state.rows, state.val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
+            log.info("meta_train: resumed after epoch %d/%d from %s", state.start, epochs, path)
+        return state
+
+
 def _batches(loader) -> Iterator:
     while True:
         yield from loader
@@ -170,24 +205,14 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     example = example_input(splits, ctx.device)
     torch.manual_seed(int(cfg.seed))
     metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
-    optimizer = torch.optim.AdamW(metanet.parameters(), lr=float(mt.lr), weight_decay=float(mt.weight_decay))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones), gamma=float(mt.get("gamma", 0.1)))
     trainer = MetaTrainer(cfg, ctx, metanet, example)
-    epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
-    last, rows, val_rows, start = meta_dir / "meta_last.pt", [], [], 0
     fingerprint = {"metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True),  # epochs may grow
                    "meta_train": {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"},
                    "slots": train_set.slots, "seed": int(cfg.seed)}
-    if cfg.resume and last.exists():
-        ckpt = load_checkpoint(last, map_location=ctx.device)
-        if ckpt["fingerprint"] != fingerprint:
-            raise CheckpointError(f"{last} belongs to a meta-training with other settings; re-run with them, "
-                                  "or pass resume=false (or another run_name) to start over")
-        metanet.load_state_dict(ckpt["metanetwork"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start, rows, val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
-        log.info("meta_train: resumed after epoch %d/%d from %s", start, epochs, last)
+    state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
+    optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
+                                                           state.start, state.rows, state.val_rows)
+    last = state.path
     if start == 0:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0))
     max_bad, bad = int(mt.max_bad_steps), 0
