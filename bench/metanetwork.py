@@ -2,6 +2,12 @@
 
     python bench/metanetwork.py                          # ResNet-56 (fast + PyG reference), VGG-19, ResNet-50
     python bench/metanetwork.py --only resnet56 --reps 5
+    OMP_NUM_THREADS=1 python bench/metanetwork.py --only resnet56 --threads 1   # on a busy shared machine
+
+The fast layer runs the fused C kernels of ``nn/metanetwork/kernels.py`` on CPU (built once per hidden width
+into ``~/.cache/graph_meta_pruning/kernels``, ~1 s, before the timed iterations); ``METANETWORK_KERNELS=0``
+times the blocked torch loop instead. VGG-19 and ResNet-50 run forward and forward+backward with
+per-layer activation checkpointing.
 
 Each configuration runs in a fresh subprocess so that its peak memory (``ru_maxrss`` on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) is its own. Times are the minimum over ``--reps`` repetitions
@@ -26,7 +32,7 @@ import torch
 CONFIGS = {
     "resnet56": ("resnet56", 64, 8, False, ("fast", "pyg"), "fwd+bwd"),
     "vgg19": ("vgg19_bn", 32, 8, True, ("fast",), "fwd+bwd"),
-    "resnet50": ("resnet50", 16, 6, True, ("fast",), "fwd"),
+    "resnet50": ("resnet50", 16, 6, True, ("fast",), "fwd+bwd"),
 }
 SYNTHETIC = {  # nodes, {edge type: (count, width)}
     "resnet56": (2045, {"conv3x3": (94256, 9), "conv1x1": (2560, 1), "identity": (912, 1), "linear": (640, 1)}),

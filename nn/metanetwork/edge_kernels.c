@@ -36,27 +36,32 @@ static inline float exp_approx(float x) {
     return p * scale.f;
 }
 
-/* activation and its derivative given x and y = act(x) */
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+/* activation; act_and_grad computes it in exactly the same operations (so the value is bit-identical) and
+ * also returns act'(x), reusing the sigmoid instead of evaluating exp again */
 static inline float act(float x) {
 #if ACT == 0
-    return x / (1.0f + exp_approx(-x));
+    return x * sigmoid(x);
 #elif ACT == 1
     return x > 0.0f ? x : 0.0f;
 #else
-    return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f;
+    return 2.0f * sigmoid(2.0f * x) - 1.0f;
 #endif
 }
 
-static inline float act_grad(float x, float y) {
+static inline float act_and_grad(float x, float *grad) {
 #if ACT == 0
-    float s = 1.0f / (1.0f + exp_approx(-x));
-    return s * (1.0f + x * (1.0f - s));
+    float s = sigmoid(x);
+    *grad = s * (1.0f + x * (1.0f - s));
+    return x * s;
 #elif ACT == 1
-    (void)y;
-    return x > 0.0f ? 1.0f : 0.0f;
+    *grad = x > 0.0f ? 1.0f : 0.0f;
+    return x > 0.0f ? x : 0.0f;
 #else
-    (void)x;
-    return 1.0f - y * y;
+    float y = 2.0f * sigmoid(2.0f * x) - 1.0f;
+    *grad = 1.0f - y * y;
+    return y;
 #endif
 }
 
@@ -90,9 +95,10 @@ static inline void grad_pre(const float *restrict p, const float *restrict ca, c
                             const float *restrict mx, const float *restrict gx, const float *restrict mn,
                             const float *restrict gn, float *restrict out) {
     for (int j = 0; j < HD; j++) {
-        float m = act(p[j]), hi = mx[j], lo = mn[j], ghi = gx[j], glo = gn[j];
+        float d;
+        float m = act_and_grad(p[j], &d), hi = mx[j], lo = mn[j], ghi = gx[j], glo = gn[j];
         float g = ca[j] + cb[j] * m + (m == hi ? ghi : 0.0f) + (m == lo ? glo : 0.0f);
-        out[j] = g * act_grad(p[j], m);
+        out[j] = g * d;
     }
 }
 

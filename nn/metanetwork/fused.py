@@ -1,5 +1,8 @@
 """The edge-sized work of one metanetwork layer as a single autograd Function, run over blocks of edges.
 
+(On CPU in float32 the Function hands the edge loop to the fused C kernels of :mod:`nn.metanetwork.kernels`,
+see ``_forward_kernel``; what follows describes the blocked torch loop used everywhere else.)
+
 :class:`EdgePass` computes, for edges ``e`` ``(E, H)`` and node-level terms ``ps, pt, a, b`` ``(N, H)``
 (already multiplied by their weights, see :class:`nn.metanetwork.layers.EdgeMessageLayer`)::
 

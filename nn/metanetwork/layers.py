@@ -31,6 +31,10 @@ What makes the fast version fast (and small):
   (``silu_backward``) and float masks (not bool, whose mixed-dtype arithmetic is slow) keep each step one op.
 * Reductions are unsorted scatters (``index_add_`` / ``scatter_reduce_``) or torch_scatter, see
   :mod:`nn.metanetwork.scatter`.
+* On CPU in float32 (the default ``kernels=True``) the Function runs fused C kernels instead of the block
+  loop (:mod:`nn.metanetwork.kernels`): one pass per edge row with everything in registers, no edge-sized
+  temporaries, edge ranges in parallel threads. The blocked torch loop remains for CUDA, float64 and
+  machines without a C compiler.
 """
 from __future__ import annotations
 
@@ -85,7 +89,8 @@ class EdgeMessageLayer(_LayerParams, torch.nn.Module):
 
     See the module docstring for the update rule and why it is fast. ``backend`` picks the scatter
     implementation (None: torch_scatter when installed); ``block``: edges per block of
-    :class:`~nn.metanetwork.fused.EdgePass` (None: about 1 MB per ``(block, H)`` tensor on CPU, all on CUDA).
+    :class:`~nn.metanetwork.fused.EdgePass` (None: about 1 MB per ``(block, H)`` tensor on CPU, all on CUDA);
+    ``kernels``: use the fused C kernels where they apply (False: always the blocked torch loop).
     """
 
     def __init__(self, hidden_dim: int, activation: str = "silu", backend: Optional[str] = None,
