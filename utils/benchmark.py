@@ -84,7 +84,7 @@ def markdown(summary: List[Dict[str, Any]], targets: List[float]) -> str:
 
 
 def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
-    from utils.plotting import plt
+    from utils.plotting import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["method"] for r in summary):
@@ -95,11 +95,7 @@ def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
            title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".png", ".pdf"):
-        fig.savefig(stem.with_suffix(suffix), dpi=130)
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 @RUN_MODES.register("benchmark")

@@ -30,3 +30,13 @@ def plot_history(history: Sequence[Dict[str, Any]], path: str | Path, title: str
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_figure(fig, stem: str | Path) -> None:
+    """Save ``fig`` as ``stem``.png and ``stem``.pdf (folders created) and close it."""
+    stem = Path(stem)
+    fig.tight_layout()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".pdf"):
+        fig.savefig(stem.with_suffix(suffix), dpi=130)
+    plt.close(fig)

@@ -100,7 +100,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
 
 def plot_results(rows: List[Dict[str, Any]], stem: Path, title: str) -> None:
     """Test accuracy vs reached speed-up, one line per variant, as ``stem``.png and ``stem``.pdf."""
-    from utils.plotting import plt
+    from utils.plotting import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -111,11 +111,7 @@ def plot_results(rows: List[Dict[str, Any]], stem: Path, title: str) -> None:
     ax.set(xlabel="speed-up (MACs of the unpruned network / MACs)", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".png", ".pdf"):
-        fig.savefig(stem.with_suffix(suffix), dpi=130)
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 @RUN_MODES.register("quickstart")

@@ -105,10 +105,7 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
 
 def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") -> None:
     """One figure with every epoch's accuracy-vs-speed-up curve, as ``stem``.png and ``stem``.pdf."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.plotting import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     axis = "speed_up"
@@ -121,7 +118,4 @@ def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") 
            title=title or "accuracy vs speed-up, pruning without fine-tuning")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    for suffix in (".png", ".pdf"):
-        fig.savefig(stem.with_suffix(suffix), dpi=130)
-    plt.close(fig)
+    save_figure(fig, stem)
