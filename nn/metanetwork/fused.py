@@ -47,6 +47,38 @@ ACTIVATIONS: Dict[str, Tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tenso
     "tanh": (torch.tanh, lambda g, x, y: torch.ops.aten.tanh_backward(g, y)),
 }
 
+EXACT_ACTIVATIONS = {"relu"}  # computed exactly by every kernel: max(x, 0)
+
+
+def _elementwise_same_everywhere(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn`` computed so that an element's result depends on its value only, not on where it sits.
+
+    Why: ATen's contiguous CPU loops run the vectorised body over ``2 * lanes`` elements at a time and the
+    *scalar* formula on the remainder (the last ``numel % (2 * lanes)`` elements, and the end of each
+    thread's chunk). The two round ``exp`` differently, and ``lanes`` depends on the CPU capability ATen
+    picked (AVX-512, AVX2, ...). Two duplicate edges, whose messages must tie exactly in max/min, would
+    then tie on one machine and differ in the last bit on another, and the gradient of the tie would go
+    to one edge or be shared, depending on the machine. Over an input whose innermost stride is not 1,
+    ATen runs the scalar formula on every element, so equal inputs give bit-equal outputs on any CPU.
+    CUDA computes every element with the same formula already.
+    """
+
+    def apply(x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.numel() == 0:
+            return fn(x)
+        strided = x.new_empty(x.shape + (2,))[..., 0]  # same shape, innermost stride 2: the scalar loop
+        strided.copy_(x)
+        return fn(strided)  # a fresh contiguous result
+
+    return apply
+
+
+def message_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation of messages (whose max/min ties must not depend on the CPU): see above."""
+    fn = ACTIVATIONS[name][0]
+    return fn if name in EXACT_ACTIVATIONS else _elementwise_same_everywhere(fn)
+
+
 LN_EPS = 1e-5  # F.layer_norm's default
 BLOCK_ELEMENTS = 2 ** 18  # floats per (block, H) tensor on CPU: 1 MB in float32, several fit in L2
 
@@ -94,7 +126,7 @@ class EdgePass(torch.autograd.Function):
         if kern is not None:
             return _forward_kernel(ctx, kern, e, ps, pt, a, b, weight, src, dst, num_nodes, keep)
         ctx.kern = None
-        act = ACTIVATIONS[activation][0]
+        act = message_activation(activation)
         E, H = e.shape
         n2 = 2 * num_nodes
         rows = block_rows(E, H, e.device, block)
@@ -144,7 +176,7 @@ class EdgePass(torch.autograd.Function):
             return _backward_kernel(ctx, g_agg_f, g_agg_b, g_e_new)
         e, ps, pt, a, b, weight, src, dst, deg, mean, std, mx, mn, *pre = ctx.saved_tensors
         n, backend, rows = ctx.num_nodes, ctx.backend, ctx.rows
-        act, act_grad = ACTIVATIONS[ctx.activation]
+        act, act_grad = message_activation(ctx.activation), ACTIVATIONS[ctx.activation][1]
         E, H = e.shape
         half = H // 2
         w1, w2 = weight[:, :half], weight[:, half:]  # (H, H/2), (H, H - H/2)
@@ -193,7 +225,7 @@ class EdgePass(torch.autograd.Function):
         ties = (cnt_max > 1) | (cnt_min > 1)  # (2N, H)
         if bool(ties.any()):
             shares = [torch.where(cnt > 1, g / cnt - g, 0.0) for g, cnt in ((g_max, cnt_max), (g_min, cnt_min))]
-            _share_ties(ties.any(1), shares, (e, ps, pt, weight, src, dst, mx, mn), n, act, act_grad,
+            _share_ties(ties.any(1), shares, (e, weight, src, dst, mx, mn), pre, rows, n, act, act_grad,
                         (g_e, g_ps, g_pt, g_w))
         return g_e, g_ps, g_pt, g_a, g_b, g_w, None, None, None, None, None, None, None, None
 
@@ -237,39 +269,43 @@ def _backward_kernel(ctx, g_agg_f: Tensor, g_agg_b: Tensor, g_e_new: Tensor):
     return g_e, g_ps, g_pt, g_a, g_b, g_w, None, None, None, None, None, None, None, None
 
 
-def _share_ties(tied: Tensor, shares: List[Tensor], saved: Tuple[Tensor, ...], n: int, act: Callable,
-                act_grad: Callable, grads: Tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+def _share_ties(tied: Tensor, shares: List[Tensor], saved: Tuple[Tensor, ...], pre: List[Tensor], rows: int, n: int,
+                act: Callable, act_grad: Callable, grads: Tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
     """Correct the gradients for tied extremes, in place, on the few edges whose target has a tie.
 
     The block loop gave every hit of max (min) the node's whole gradient ``G``; a segment with ``c > 1`` hits
     should give each ``G / c``. ``shares`` holds ``G / c - G`` (0 without a tie) for max and min ``(2N, H)``;
     everything downstream of ``g_m`` is linear, so the correction runs the same chain on those edges only.
+    The hits are decided on the *saved* pre-activations of forward (``pre``, one ``(2B, H)`` tensor per block),
+    never on recomputed ones: a recomputation in another order of operations can differ in the last bit and
+    miss a tie.
     """
-    e, ps, pt, weight, src, dst, mx, mn = saved
+    e, weight, src, dst, mx, mn = saved
     g_e, g_ps, g_pt, g_w = grads
-    H = e.shape[1]
+    E, H = e.shape
     half = H // 2
-    for sign, head_all, tail_all, offset in ((1, src, dst, 0), (-1, dst, src, n)):
-        edges = tied.index_select(0, tail_all + offset).nonzero().squeeze(1)  # edge ids
-        if edges.numel() == 0:
+    for blk, p in zip(_blocks(E, rows), pre):
+        head, tail, slot = _block_index(src, dst, blk, n)
+        sel = tied.index_select(0, slot).nonzero().squeeze(1)  # stacked rows whose target has a tie
+        if sel.numel() == 0:
             continue
-        head, tail = head_all.index_select(0, edges), tail_all.index_select(0, edges)
-        x = e.index_select(0, edges)
-        en, mu, rstd = torch.native_layer_norm(x, (H,), None, None, LN_EPS)
-        p = ps.index_select(0, head).add_(pt.index_select(0, tail)).addmm_(en[:, :half], weight[:, :half].t())
-        p.addmm_(en[:, half:], weight[:, half:].t(), alpha=sign)  # the pre-activations of these edges, recomputed
-        slot = tail + offset
-        m = act(p)
+        B = blk.stop - blk.start
+        p_sel, slot_sel = p.index_select(0, sel), slot.index_select(0, sel)
+        m = act(p_sel)
         g_m = torch.zeros_like(m)
         for value, share in zip((mx, mn), shares):
-            hit = value.index_select(0, slot)
-            g_m.addcmul_(share.index_select(0, slot), torch.eq(m, hit, out=hit))
-        g_p = act_grad(g_m, p, m)
-        g_ps.index_add_(0, head, g_p)
-        g_pt.index_add_(0, tail, g_p)
+            hit = value.index_select(0, slot_sel)
+            g_m.addcmul_(share.index_select(0, slot_sel), torch.eq(m, hit, out=hit))
+        g_p = act_grad(g_m, p_sel, m)
+        g_ps.index_add_(0, head.index_select(0, sel), g_p)
+        g_pt.index_add_(0, tail.index_select(0, sel), g_p)
+        g_p2 = g_p * torch.where(sel < B, 1.0, -1.0).to(g_p.dtype).unsqueeze(1)  # reverse rows: sign on p2
+        edges = sel.remainder(B).add_(blk.start)
+        x = e.index_select(0, edges)
+        en, mu, rstd = torch.native_layer_norm(x, (H,), None, None, LN_EPS)
         g_w[:, :half].addmm_(g_p.t(), en[:, :half])
-        g_w[:, half:].addmm_(g_p.t(), en[:, half:], alpha=sign)
-        g_en = torch.cat([g_p @ weight[:, :half], (g_p @ weight[:, half:]).mul_(sign)], dim=1)
+        g_w[:, half:].addmm_(g_p2.t(), en[:, half:])
+        g_en = torch.cat([g_p @ weight[:, :half], g_p2 @ weight[:, half:]], dim=1)
         g_x = torch.ops.aten.native_layer_norm_backward(g_en, x, (H,), mu, rstd, None, None, [True, False, False])[0]
         g_e.index_add_(0, edges, g_x)
 

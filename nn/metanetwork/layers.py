@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
-from nn.metanetwork.fused import ACTIVATIONS, edge_pass
+from nn.metanetwork.fused import ACTIVATIONS, edge_pass, message_activation
 
 
 def get_activation(name: str) -> Callable[[Tensor], Tensor]:
@@ -118,9 +118,12 @@ class PyGEdgeMessageLayer(_LayerParams, MessagePassing):
     intermediate; this is the implementation the fast layer is tested and benchmarked against.
     """
 
-    def __init__(self, hidden_dim: int, activation: str = "silu") -> None:
+    def __init__(self, hidden_dim: int, activation: str = "silu", tie_safe: bool = True) -> None:
         MessagePassing.__init__(self, aggr=["mean", "std", "max", "min"], node_dim=0)
         self._build_params(hidden_dim, activation)
+        # tie_safe: messages through fused.message_activation, so duplicate edges tie on every CPU as in the
+        # fast layer (tests); False: the plain activation, as a straightforward layer would (timings)
+        self.tie_safe = tie_safe
 
     def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
         H = self.hidden_dim
@@ -133,7 +136,8 @@ class PyGEdgeMessageLayer(_LayerParams, MessagePassing):
         return h_new, e + u_fwd + sign * u_bwd
 
     def message(self, x_i: Tensor, x_j: Tensor, e: Tensor) -> Tensor:  # x_j: source, x_i: target
-        return self.act(self.msg(torch.cat([x_j, x_i, e], dim=-1)))
+        act = message_activation(self.activation) if self.tie_safe else self.act
+        return act(self.msg(torch.cat([x_j, x_i, e], dim=-1)))
 
     def update(self, aggr_out: Tensor) -> Tensor:  # (N, 4H) -> (N, H)
         return self.post(aggr_out)

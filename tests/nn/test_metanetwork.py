@@ -135,10 +135,36 @@ def test_gradients_reach_every_parameter():
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["silu", "tanh"])
+def test_message_activation_is_the_same_at_every_position(activation, dtype):
+    """A row and its duplicate at the end of the tensor (where ATen's contiguous loop switches from its
+    vectorised body to the scalar formula) get bit-identical activations, for every length and width."""
+    from nn.metanetwork.fused import message_activation
+
+    fn = message_activation(activation)
+    g = torch.Generator().manual_seed(0)
+    for width in (5, 7, 8, 16):
+        for rows in range(2, 40):
+            x = torch.randn(rows, width, dtype=dtype, generator=g) * 3
+            x[-1] = x[0]
+            y = fn(x)
+            assert y.is_contiguous() and y.shape == x.shape
+            assert torch.equal(y[0], y[-1]), (width, rows)
+    torch.testing.assert_close(fn(x), ACTIVATIONS_REF[activation](x), atol=1e-6, rtol=1e-6)
+
+
+ACTIVATIONS_REF = {"silu": lambda x: x * torch.sigmoid(x), "tanh": torch.tanh}
+
+
 @pytest.mark.parametrize("activation", ["silu", "relu", "tanh"])
-def test_fast_layer_matches_pyg_reference(activation):
+@pytest.mark.parametrize("hdim,e", [(8, 200), (7, 204), (5, 210)])
+def test_fast_layer_matches_pyg_reference(activation, hdim, e):
+    """float64, duplicate edges (exact max/min ties) at the start and at the very end of the edge list, where
+    ATen's scalar tail would compute them differently from their twins (widths 7 and 5 put a tail there
+    under AVX2, width 8 under AVX-512): both layers must see the same ties on every CPU."""
     torch.manual_seed(0)
-    n, e, hdim = 30, 200, 8
+    n = 30
     h = torch.randn(n, hdim, dtype=torch.double, requires_grad=True)
     x = torch.randn(e, hdim, dtype=torch.double, requires_grad=True)
     index = torch.randint(0, n - 4, (2, e))  # the last 4 nodes are isolated
@@ -273,6 +299,35 @@ def test_c_kernels_match_pyg_reference(activation, hdim, threads):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
     for a, b in zip(grads_k, grads_r):
         torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=1e-4)
+
+
+def _capabilities() -> list:
+    """The ATen CPU capabilities this machine can run, lowest first (``ATEN_CPU_CAPABILITY`` values)."""
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    order = ["default", "avx2", "avx512"]
+    return order[:order.index(native) + 1] if native in order else ["default", native]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", _capabilities())
+def test_ties_agree_under_every_cpu_capability(capability):
+    """The torch path, the C kernels and the PyG reference agree on ties whatever vectorised kernels ATen
+    picks: the tie tests of this file, in a fresh process with ``ATEN_CPU_CAPABILITY`` set."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip().lower() == capability  # the setting took effect in the child
+    tests = ("test_message_activation_is_the_same_at_every_position or test_fast_layer_matches_pyg_reference or "
+             "test_edge_pass_gradcheck or test_tied_extremes_across_blocks or test_blocks_do_not_change_the_result or "
+             "test_c_kernels_match_pyg_reference")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
 
 
 def test_kernels_can_be_disabled(monkeypatch):
