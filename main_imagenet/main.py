@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from utils import distributed as du
+from utils.config_schema import check_config
 from utils.run_modes import USER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def run_stage(cfg: DictConfig) -> None:
         print("stages: " + ", ".join(STAGES.names()))
         return
     try:
+        check_config(cfg)  # numeric settings, before any work
         STAGES.get(str(cfg.run))(cfg)
     except USER_ERRORS as err:
         log.error("%s", err)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from data_loaders import DatasetCorruptError
 from utils.checkpoint import CheckpointError
+from utils.config_schema import ConfigError, check_config
 from utils.pruning.progressive import PruningError
 from utils.device import get_device, seed_everything, set_threads
 from utils.registry import Registry, UnknownNameError
@@ -27,10 +28,6 @@ log = logging.getLogger(__name__)
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
 _MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse",
                  "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark"]
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with the override that fixes it in the message."""
 
 
 # Errors caused by the user's input (names, paths, files, settings): entry points print their message
@@ -99,6 +96,7 @@ def dispatch(cfg: DictConfig) -> Dict[str, Any]:
 def run_entry(cfg: DictConfig) -> None:
     """What a Hydra entry point does: dispatch, and turn user errors into one message and exit status 2."""
     try:
+        check_config(cfg)  # numeric settings, before any work
         dispatch(cfg)
     except USER_ERRORS as err:
         log.error("%s", err)  # Hydra's logging prints it on the console and into <run_dir>/main.log

@@ -1,0 +1,86 @@
+"""Every numeric setting of the schema rejects a bad value before any work, naming key, value and a fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from utils.config_schema import RULES, ConfigError, check_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+ROOT = CONFIG_DIR.parent
+
+# one bad value per kind of rule (by what the rule says is valid)
+BAD = {"an integer >= 1": 0, "an integer >= 0": -1, "a number > 0": 0.0, "a number >= 0": -1.0, "a number >= 1": 0.5,
+       "a non-empty list, each a speed-up > 1": [1.0], "a non-empty list, each an integer >= 1": [0],
+       "a non-empty list, each an integer": [], "a number in (0, 1)": 1.0, "an integer": "abc",
+       "a speed-up > 1": 1.0, "a list of increasing integers >= 0 (may be empty)": [9, 6],
+       "null or a non-empty list of epochs >= 0": [-2]}
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("main", overrides=list(overrides))
+
+
+def _concrete_keys(cfg):
+    """The patterns of RULES with ``*`` replaced by the first child that the composed config has."""
+    for pattern in RULES:
+        parts = pattern.split(".")
+        if "*" in parts:
+            i = parts.index("*")
+            node = OmegaConf.select(cfg, ".".join(parts[:i]))
+            parts[i] = next(iter(node.keys()))
+        yield pattern, ".".join(parts)
+
+
+def test_the_shipped_configs_pass():
+    for overrides in ([], ["method=sparse_learning"], ["task=resnet56_on_CIFAR10"], ["task=VGG19_on_CIFAR100"]):
+        check_config(_compose(overrides))
+
+
+def test_every_rule_has_a_bad_value():
+    assert {rule.valid for rule in RULES.values()} <= set(BAD)
+
+
+@pytest.mark.parametrize("pattern", list(RULES))
+def test_each_key_rejects_a_bad_value(pattern):
+    cfg = _compose(["method=sparse_learning"])  # has method.reg
+    key = dict(_concrete_keys(cfg))[pattern]
+    assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+    bad = BAD[RULES[pattern].valid]
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, bad, merge=False)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{key}={bad!r} is not valid")
+    assert f"e.g. {key}={RULES[pattern].example}" in message
+    # the example it gives is itself valid
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, yaml.safe_load(RULES[pattern].example), merge=False)
+    check_config(cfg)
+
+
+def test_bools_are_not_integers():
+    cfg = _compose()
+    cfg.task.meta_train.epochs = True
+    with pytest.raises(ConfigError, match="task.meta_train.epochs=True"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("override", ["task.meta_train.batches_per_step=0", "benchmark.seeds=[]",
+                                      "task.schedules.pretrain.lr=-1"])
+def test_the_command_line_exits_2_before_any_work(override, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "main", override, f"paths.root_dir={tmp_path}", "progress=false"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    key = override.split("=")[0]
+    assert f"{key}=" in run.stdout + run.stderr and "is not valid" in run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert not list(tmp_path.rglob("*.pt"))  # nothing was trained
