@@ -51,6 +51,7 @@ from utils.meta_train import (
     epoch_checkpoint,
     load_data_models,
     load_metanetwork,
+    meta_step,
     plot_meta,
     validate,
 )
@@ -120,7 +121,7 @@ def meta_train(cfg: DictConfig) -> dict[str, Any]:
             ok = du.all_true(r["finite"] and _grads_finite(metanet))
             if ok:
                 du.average_gradients(metanet)
-                optimizer.step()
+                meta_step(optimizer, metanet, str(cfg.task.meta_train.get("optimizer", "adamw")))
                 bad = 0
             else:
                 bad += 1

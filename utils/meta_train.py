@@ -150,6 +150,27 @@ class MetaTrainer:
         return {"task_loss": task_loss, "sparsity": sparsity, "finite": finite, **times}
 
 
+META_OPTIMIZERS = ("adamw", "nsgd")
+
+
+def build_meta_optimizer(metanet: torch.nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``adamw`` (published), or ``nsgd``: SGD with momentum 0.9 on the gradient clipped to norm 1 (see
+    :func:`meta_step`). AdamW's per-parameter normalisation moves every parameter at about the same speed, so
+    the one that shrinks all channels together moves as fast as those that shrink the weak ones; clipped SGD
+    keeps the relative sizes of the gradient, which the sparsity term's per-channel weights live in."""
+    if name == "adamw":
+        return torch.optim.AdamW(metanet.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "nsgd":
+        return torch.optim.SGD(metanet.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ConfigError(f"task.meta_train.optimizer={name!r} is unknown; valid: {', '.join(META_OPTIMIZERS)}")
+
+
+def meta_step(optimizer: torch.optim.Optimizer, metanet: torch.nn.Module, name: str) -> None:
+    if name == "nsgd":
+        torch.nn.utils.clip_grad_norm_(metanet.parameters(), 1.0)
+    optimizer.step()
+
+
 @dataclass
 class MetaState:
     """AdamW + MultiStepLR of meta-training and where it (re)starts; shared by ``main_imagenet``."""
@@ -167,7 +188,8 @@ class MetaState:
               fingerprint: Dict[str, Any]) -> "MetaState":
         """Fresh optimiser state, or the one of ``path`` (``meta_last.pt``) when resuming with equal settings."""
         mt = cfg.task.meta_train
-        optimizer = torch.optim.AdamW(metanet.parameters(), lr=float(mt.lr), weight_decay=float(mt.weight_decay))
+        optimizer = build_meta_optimizer(metanet, str(mt.get("optimizer", "adamw")), float(mt.lr),
+                                         float(mt.weight_decay))
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones),
                                                          gamma=float(mt.get("gamma", 0.1)))
         epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
@@ -183,6 +205,52 @@ class MetaState:
             state.start, state.rows, state.val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
             log.info("meta_train: resumed after epoch %d/%d from %s", state.start, epochs, path)
         return state
+
+
+def penalty_descent(model: torch.nn.Module, regularize: Callable[[torch.nn.Module], None], graph: NetworkGraph,
+                    metanet: Optional[torch.nn.Module] = None, lr: float = 1e-3, max_steps: int = 500,
+                    fall: float = 10.0, optimizer: str = "adamw") -> Dict[str, Any]:
+    """Minimise the sparsity penalty alone, until ``||W||^2`` has fallen ``fall``-fold (or ``max_steps``).
+
+    Without ``metanet``: plain gradient descent on the weights of ``model`` (``lr`` is the step size). With it:
+    AdamW on the metanetwork's parameters, ``W = graph_to_state_dict(metanet(graph))`` as in meta-training,
+    one vector-Jacobian product per step. This is the expressivity check of the metanetwork: with the task
+    loss out of the way, can it shrink channels *selectively*, as direct descent does, or only all together?
+    Returns the steps taken and ``||W||^2`` before and after; ``model`` holds the final weights.
+    """
+    from utils.pruning.selectivity import weight_norm_sq
+
+    start = weight_norm_sq(model)
+    params = dict(model.named_parameters())
+    opt = None
+    if metanet is not None:
+        opt = build_meta_optimizer(metanet, optimizer, lr, 0.0)
+    steps = 0
+    while steps < max_steps and weight_norm_sq(model) > start / fall:
+        steps += 1
+        if metanet is not None:
+            state = graph_to_state_dict(apply_metanetwork(metanet, graph))
+            with torch.no_grad():
+                for name, value in model.state_dict(keep_vars=True).items():
+                    value.copy_(state[name])
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        regularize(model)
+        if metanet is None:
+            with torch.no_grad():
+                for p in params.values():
+                    p.sub_(lr * p.grad)
+            continue
+        opt.zero_grad(set_to_none=True)
+        names = [n for n in params if state[n].requires_grad]
+        torch.autograd.backward([state[n] for n in names], [params[n].grad for n in names])
+        meta_step(opt, metanet, optimizer)
+    if metanet is not None:  # the weights of the last metanetwork
+        with torch.no_grad():
+            state = graph_to_state_dict(apply_metanetwork(metanet, graph))
+            for name, value in model.state_dict(keep_vars=True).items():
+                value.copy_(state[name])
+    return {"steps": steps, "norm_sq_start": start, "norm_sq_end": weight_norm_sq(model)}
 
 
 def _batches(loader) -> Iterator:
@@ -229,7 +297,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
             r = trainer.step(train_set[i], batches)
             ok = r["finite"] and all(torch.isfinite(p.grad).all() for p in metanet.parameters() if p.grad is not None)
             if ok:
-                optimizer.step()
+                meta_step(optimizer, metanet, str(mt.get("optimizer", "adamw")))
                 bad = 0
             else:
                 bad += 1
@@ -260,28 +328,22 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
 def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: torch.Tensor,
              epoch: int) -> Dict[str, Any]:
     """Cheap per-epoch figures on the validation data models: accuracy of the output network without any
-    fine-tuning, and how concentrated its group norms are (the share of channels whose group L2 norm is
-    below 10% of the largest in its group: what pruning can remove cheaply)."""
+    fine-tuning, how selectively its channels are sized (:mod:`utils.pruning.selectivity`: the share of
+    channels below 10% of their group's largest norm, the within-group min/max norm ratio) and ||W||^2."""
     from utils.convert import graph_to_model
+    from utils.pruning.selectivity import selectivity, weight_norm_sq
     from utils.train import evaluate
 
-    accs, small = [], []
+    accs, sel = [], []
     for item in val_set:
         with torch.no_grad():
             graph = apply_metanetwork(metanet, item.graph.to(ctx.device))
         model = graph_to_model(graph).to(ctx.device).eval()
         accs.append(evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"])
-        imp = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        fractions = []
-        for group in dg.get_all_groups(**{k: v for k, v in pruning_kwargs(model).items() if k == "ignored_layers"},
-                                       root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
-            with torch.no_grad():
-                scores = imp(group)
-            if scores is not None and scores.numel() > 1:
-                fractions.append(float((scores < 0.1 * scores.max()).float().mean()))
-        small.append(sum(fractions) / max(len(fractions), 1))
-    return {"epoch": epoch, "val_acc": sum(accs) / len(accs), "small_group_fraction": sum(small) / len(small)}
+        sel.append(selectivity(model, example))
+        sel[-1]["norm_sq"] = weight_norm_sq(model)
+    mean = {k: sum(d[k] for d in sel) / len(sel) for k in sel[0]}
+    return {"epoch": epoch, "val_acc": sum(accs) / len(accs), **mean}
 
 
 def plot_meta(rows, val_rows, path: Path) -> None:
@@ -300,8 +362,11 @@ def plot_meta(rows, val_rows, path: Path) -> None:
     b2 = b.twinx()
     b2.plot([r["epoch"] for r in val_rows], [r["small_group_fraction"] for r in val_rows], marker="s", color="C1",
             label="channels < 10% of group max")
+    if all("min_max_ratio" in r for r in val_rows):  # older runs recorded only the fraction
+        b2.plot([r["epoch"] for r in val_rows], [r["min_max_ratio"] for r in val_rows], marker="^", color="C2",
+                label="within-group min/max norm")
     b.set(xlabel="epoch (0: no metanetwork)", ylabel="accuracy (%)", title="validation data models")
-    b2.set_ylabel("fraction of channels")
+    b2.set_ylabel("fraction / ratio")
     fig.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -25,7 +25,7 @@ METANETWORKS.register("graph_metanetwork")(GraphMetanetwork)
 
 # keys of configs/metanetwork/*.yaml passed to the class (besides `name`)
 _CONFIG_KEYS = ("num_layers", "hidden_dim", "node_ratio", "edge_ratio", "checkpoint", "activation", "layer",
-                "backend", "kernels")
+                "backend", "kernels", "edit", "magnitude_features")
 
 
 def build_metanetwork(cfg: Mapping[str, Any], graph: NetworkGraph) -> Optional[GraphMetanetwork]:

@@ -37,11 +37,18 @@ def synthetic_graph(num_nodes: int = 40, seed: int = 0, num_isolated: int = 3) -
     return NetworkGraph(layout, torch.randn(num_nodes, 5, generator=g), edges, {})
 
 
+# the published additive edit, and the per-channel scale with magnitude features (model.py's docstring)
+VARIANTS = {"additive": {}, "channel_scale": {"edit": "channel_scale", "magnitude_features": True}}
+
+
 def make_meta(graph: NetworkGraph, **kw) -> GraphMetanetwork:
     torch.manual_seed(0)
     cfg = dict(hidden_dim=16, num_layers=3, node_ratio=0.01, edge_ratio=0.02)
     cfg.update(kw)
-    return GraphMetanetwork.from_graph(graph, **cfg)
+    meta = GraphMetanetwork.from_graph(graph, **cfg)
+    if hasattr(meta, "scale_dec"):  # zero at initialisation (s = 1); make the scales real for these tests
+        torch.nn.init.normal_(meta.scale_dec[-1].weight, std=0.3)
+    return meta
 
 
 def permuted(graph: NetworkGraph, perm: torch.Tensor) -> NetworkGraph:
@@ -62,6 +69,44 @@ def loss_of(out: NetworkGraph) -> torch.Tensor:
     for t in sorted(out.edge_features):
         total = total + (out.edge_features[t] * torch.randn(out.edge_features[t].shape, generator=w)).sum()
     return total
+
+
+def test_channel_scale_is_the_identity_at_init_and_scales_whole_channels():
+    """At initialisation the scaled edit equals the additive one; with a scale s, every edge into or out of a
+    hidden node and its non-buffer slots are multiplied by it, input/output nodes keep s = 1."""
+    graph = synthetic_graph()
+    torch.manual_seed(0)
+    plain = GraphMetanetwork.from_graph(graph, hidden_dim=16, num_layers=2, node_ratio=0.01, edge_ratio=0.02)
+    torch.manual_seed(0)
+    scaled = GraphMetanetwork.from_graph(graph, hidden_dim=16, num_layers=2, node_ratio=0.01, edge_ratio=0.02,
+                                         edit="channel_scale")
+    a, b = plain(graph), scaled(graph)
+    assert torch.equal(a.node_features, b.node_features)
+    assert all(torch.equal(a.edge_features[t], b.edge_features[t]) for t in a.edge_features)
+    torch.nn.init.constant_(scaled.scale_dec[-1].bias, -0.5)  # s = 0.5 on every hidden node
+    c = scaled(graph)
+    hidden = graph.node_type == NODE_HIDDEN
+    torch.testing.assert_close(c.node_features[hidden], 0.5 * a.node_features[hidden])
+    torch.testing.assert_close(c.node_features[~hidden], a.node_features[~hidden])
+    src, dst = graph.edge_index["conv3x3"]
+    factor = torch.where(hidden[src], 0.5, 1.0) * torch.where(hidden[dst], 0.5, 1.0)
+    torch.testing.assert_close(c.edge_features["conv3x3"], a.edge_features["conv3x3"] * factor.unsqueeze(1))
+    assert torch.equal(c.edge_features["identity"], graph.edge_features["identity"])
+
+
+def test_magnitude_features_rank_channels_among_siblings():
+    """Two producers feeding three consumers: the consumers' rank runs 0 (weakest) .. 1 (strongest)."""
+    lay = GraphLayout(num_nodes=5, node_type=torch.tensor([0, 0, 1, 1, 1]), node_slots=("s0",),
+                      node_fill=torch.zeros(1), edge_index={"linear": torch.tensor([[0, 1, 0, 1, 0, 1],
+                                                                                    [2, 2, 3, 3, 4, 4]])},
+                      edge_dims={"linear": 1}, constant_edges={}, params=[], extras=[], state_keys=[])
+    w = torch.tensor([[1.0], [1.0], [2.0], [2.0], [3.0], [3.0]])
+    meta = GraphMetanetwork(1, {"linear": 1}, 8, 1, 0.01, 0.01, magnitude_features=True)
+    mag = meta._magnitudes(torch.zeros(5, 1), lay.edge_index, {"linear": w}, ["linear"])
+    torch.testing.assert_close(mag[2:, 2], torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(mag[2:, 0], torch.log(torch.tensor([1.0, 4.0, 9.0])))
+    torch.testing.assert_close(mag[:2, 1], torch.log(torch.tensor([14 / 3, 14 / 3])))
+    assert torch.equal(mag[:2, 0], torch.zeros(2))  # inputs have no incoming edge
 
 
 def test_shapes_every_edge_type():
@@ -86,9 +131,10 @@ def test_near_identity_at_init(ratio):
     assert (out.edge_features["conv3x3"] - graph.edge_features["conv3x3"]).abs().max() > 0
 
 
-def test_node_permutation_equivariance():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_node_permutation_equivariance(variant):
     graph = synthetic_graph()
-    meta = make_meta(graph)
+    meta = make_meta(graph, **VARIANTS[variant])
     perm = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(3))
     out, out_p = meta(graph), meta(permuted(graph, perm))
     torch.testing.assert_close(out_p.node_features, out.node_features[perm], atol=ATOL, rtol=0)
@@ -96,9 +142,10 @@ def test_node_permutation_equivariance():
         torch.testing.assert_close(out_p.edge_features[t], out.edge_features[t], atol=ATOL, rtol=0)
 
 
-def test_edge_order_invariance():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_edge_order_invariance(variant):
     graph = synthetic_graph()
-    meta = make_meta(graph)
+    meta = make_meta(graph, **VARIANTS[variant])
     g = torch.Generator().manual_seed(4)
     perms = {t: torch.randperm(f.shape[0], generator=g) for t, f in graph.edge_features.items()}
     lay = graph.layout
@@ -113,9 +160,10 @@ def test_edge_order_invariance():
         torch.testing.assert_close(out_s.edge_features[t], out.edge_features[t][perms[t]], atol=ATOL, rtol=0)
 
 
-def test_isolated_and_source_nodes_are_finite():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_isolated_and_source_nodes_are_finite(variant):
     graph = synthetic_graph(num_isolated=5)
-    meta = make_meta(graph)
+    meta = make_meta(graph, **VARIANTS[variant])
     out = meta(graph)
     assert torch.isfinite(out.node_features).all()
     assert all(torch.isfinite(f).all() for f in out.edge_features.values())
@@ -126,9 +174,10 @@ def test_isolated_and_source_nodes_are_finite():
     assert torch.isfinite(h).all() and e.shape == (0, 8)
 
 
-def test_gradients_reach_every_parameter():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_reach_every_parameter(variant):
     graph = synthetic_graph()
-    meta = make_meta(graph)
+    meta = make_meta(graph, **VARIANTS[variant])
     loss_of(meta(graph)).backward()
     for name, p in meta.named_parameters():
         assert p.grad is not None, name
@@ -182,9 +231,10 @@ def test_fast_layer_matches_pyg_reference(activation, hdim, e):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
-def test_fast_model_matches_pyg_model_float32():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_model_matches_pyg_model_float32(variant):
     graph = synthetic_graph()
-    fast, ref = make_meta(graph), make_meta(graph, layer="pyg")
+    fast, ref = make_meta(graph, **VARIANTS[variant]), make_meta(graph, layer="pyg", **VARIANTS[variant])
     ref.load_state_dict(fast.state_dict())
     out_f, out_r = fast(graph), ref(graph)
     loss_of(out_f).backward()
@@ -391,7 +441,8 @@ def test_build_from_config_files():
         build_metanetwork({"name": "graph_metanetwork", "hidden_dims": 3}, graph)
 
 
-def test_equivariance_on_a_converted_resnet8():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_equivariance_on_a_converted_resnet8(variant):
     """Permute the channels of ``layer1.0.conv1`` in the network (function-preserving: conv1 rows, bn1, conv2
     columns); the metanetwork's output network must be the equally permuted output network."""
     convert = pytest.importorskip("utils.convert")
@@ -412,7 +463,7 @@ def test_equivariance_on_a_converted_resnet8():
             getattr(block.bn1, name).copy_(getattr(block.bn1, name)[perm])
         block.conv2.weight.copy_(block.conv2.weight[:, perm])
     graph_p = convert.model_to_graph(model)
-    meta = make_meta(graph, hidden_dim=16, num_layers=2)
+    meta = make_meta(graph, hidden_dim=16, num_layers=2, **VARIANTS[variant])
     with torch.no_grad():
         state = convert.graph_to_state_dict(meta(graph))
         state_p = convert.graph_to_state_dict(meta(graph_p))
