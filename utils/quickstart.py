@@ -135,8 +135,10 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     epochs = sorted({0, *map(int, qs.epochs)})
     vis = timed("visualize", stage_config(cfg, "visualize", index=epochs))
     epoch, scores = select_epoch(vis["curves"])
-    log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f; no metanetwork %.2f)",
-             epoch, scores[epoch], scores.get(0, float("nan")))
+    knee_of = vis["knees"]
+    log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f, knee %.2fx; no "
+             "metanetwork %.2f, knee %.2fx)", epoch, scores[epoch], knee_of[epoch], scores.get(0, float("nan")),
+             knee_of.get(0, float("nan")))
     slot = int(qs.target_index)
     timed("pretrain_final", stage_config(cfg, "pretrain_final", index=slot))
     rows = []
@@ -148,7 +150,10 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
             rows.append(_row(variant, metrics))
     table = markdown_table(rows)
     timings["total_s"] = round(time.time() - t0, 1)
-    summary = {"selected_epoch": epoch, "epoch_scores": scores, "rows": rows, "timings": timings,
+    knee_line = "knee (val acc < 80% of the original's, no fine-tuning): " + ", ".join(
+        f"{'no metanetwork' if e == 0 else f'epoch {e}'} {k:.2f}x" for e, k in sorted(knee_of.items()))
+    table += "\n" + knee_line + "\n"
+    summary = {"selected_epoch": epoch, "epoch_scores": scores, "knees": knee_of, "rows": rows, "timings": timings,
                "method": cfg.method.name, "task": cfg.task.name, "seed": int(cfg.seed)}
     atomic_write_json(summary, ctx.run_dir / "quickstart_results.json")
     write_csv(rows, ctx.run_dir / "quickstart_results.csv")

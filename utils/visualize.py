@@ -71,6 +71,31 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
             "axis": scheme.axis, "points": points, "pruning_steps": result["steps"]}
 
 
+KNEE_FRACTION = 0.8  # the knee: where accuracy first falls below this fraction of the original network's
+
+
+def knee(points: List[Dict[str, float]], reference_acc: float, axis: str = "speed_up",
+         fraction: float = KNEE_FRACTION) -> float:
+    """The first position (speed-up or sparsity) of a pruning curve whose validation accuracy is below
+    ``fraction * reference_acc``, interpolated linearly between the two points around the crossing; the
+    curve's last position if it never falls that low (then the knee is at least that)."""
+    level = fraction * reference_acc
+    for prev, cur in zip(points, points[1:]):
+        if cur["val_acc"] < level:
+            if prev["val_acc"] <= level:
+                return float(prev[axis])
+            t = (prev["val_acc"] - level) / (prev["val_acc"] - cur["val_acc"])
+            return float(prev[axis] + t * (cur[axis] - prev[axis]))
+    return float(points[-1][axis]) if points[0]["val_acc"] >= level else float(points[0][axis])
+
+
+def knees(curves: Dict[int, Dict[str, Any]]) -> Dict[int, float]:
+    """Every curve's :func:`knee`, against the original network (epoch 0) when drawn, else its own start."""
+    reference = curves[0]["points"][0]["val_acc"] if 0 in curves else None
+    return {e: knee(c["points"], reference if reference is not None else c["points"][0]["val_acc"],
+                    c.get("axis", "speed_up")) for e, c in curves.items()}
+
+
 @RUN_MODES.register("visualize")
 def visualize(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
@@ -97,14 +122,21 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
         curves[epoch] = {**curve(cfg, ctx, item, epoch, splits, loaders, ctx.run_dir), "fingerprint": fingerprint}
         atomic_write_json(curves[epoch], cache)
     axis = scheme_for(cfg.method).axis
+    knee_of = knees(curves)
+    for e in epochs:
+        log.info("epoch %d: knee at %.3f (%s where val acc falls below %.0f%% of the original's)", e, knee_of[e],
+                 axis, 100 * KNEE_FRACTION)
+    atomic_write_json({"fraction": KNEE_FRACTION, "axis": axis, "knees": {str(e): k for e, k in knee_of.items()}},
+                      ctx.run_dir / "knees.json")
     plot_curves(curves, ctx.run_dir / "acc_vs_speed_up", title=f"{cfg.task.name}, {cfg.method.name}, "
-                f"validation data model {item.slot}")
-    return {"axis": axis, "curves": {e: c["points"] for e, c in curves.items()},
+                f"validation data model {item.slot}", knee_of=knee_of)
+    return {"axis": axis, "curves": {e: c["points"] for e, c in curves.items()}, "knees": knee_of,
             "figure": str(ctx.run_dir / "acc_vs_speed_up.png")}
 
 
-def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") -> None:
-    """One figure with every epoch's accuracy-vs-speed-up curve, as ``stem``.png and ``stem``.pdf."""
+def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "",
+                knee_of: Dict[int, float] | None = None) -> None:
+    """One figure with every epoch's accuracy-vs-speed-up curve (knees in the legend), as ``stem``.png/.pdf."""
     from utils.plotting import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -112,6 +144,8 @@ def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "") 
     for epoch, c in sorted(curves.items()):
         pts, axis = c["points"], c.get("axis", "speed_up")
         label = "no metanetwork" if epoch == 0 else f"metanetwork epoch {epoch}"
+        if knee_of is not None and epoch in knee_of:
+            label += f" (knee {knee_of[epoch]:.2f})"
         ax.plot([p[axis] for p in pts], [p["val_acc"] for p in pts], marker=".", label=label)
     ax.set(xlabel=SCHEMES.get("channels" if axis == "speed_up" else "unstructured").axis_label,
            ylabel="validation accuracy (%)",

@@ -46,7 +46,7 @@ def _trainer(cfg):
 
 @pytest.mark.parametrize("reg", [0.0, 10.0])
 def test_single_vjp_equals_backpropagating_the_summed_loss(store, reg):
-    cfg = _cfg(store, f"task.meta_train.pruner_reg={reg}")
+    cfg = _cfg(store, f"task.meta_train.pruner_reg={reg}", "metanetwork.edit=additive")  # the published edit
     trainer, metanet, item = _trainer(cfg)
     torch.manual_seed(1)
     batches = [(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))) for _ in range(2)]
@@ -86,6 +86,8 @@ def test_meta_train_writes_checkpoints_and_resumes_bit_identically(store, monkey
     for name in ("meta_losses.csv", "meta_val.csv", "meta_train.png", "meta_last.pt"):
         assert (meta_dir / name).is_file()
     assert len((meta_dir / "meta_losses.csv").read_text().splitlines()) == 1 + 2 * 3  # header + 2 epochs x 3 models
+    header = (meta_dir / "meta_val.csv").read_text().splitlines()[0].split(",")
+    assert {"val_acc", "small_group_fraction", "min_max_ratio", "norm_sq"} <= set(header)
 
     cut = _cfg(store, "run=meta_train", "run_name=cut")
     real, calls = mt.MetaTrainer.step, []

@@ -7,6 +7,7 @@ from tests.utils.test_meta_train import _cfg
 from utils.io import read_json
 from utils.quickstart import curve_score, select_epoch
 from utils.run_modes import ConfigError, dispatch
+from utils.visualize import knee, knees
 
 
 def test_epoch_selection_prefers_the_flatter_curve_and_never_picks_epoch_0():
@@ -19,6 +20,18 @@ def test_epoch_selection_prefers_the_flatter_curve_and_never_picks_epoch_0():
         select_epoch({0: flat})
 
 
+def test_knee_is_where_the_curve_first_falls_below_80_percent_of_the_original():
+    original = [{"speed_up": 1.3, "val_acc": 100.0}, {"speed_up": 1.5, "val_acc": 90.0},
+                {"speed_up": 1.7, "val_acc": 70.0}, {"speed_up": 2.0, "val_acc": 85.0}]
+    assert knee(original, 100.0) == pytest.approx(1.6)  # 90 -> 70 crosses 80 halfway; later recovery ignored
+    flat = [{"speed_up": 1.3, "val_acc": 95.0}, {"speed_up": 3.0, "val_acc": 90.0}]
+    assert knee(flat, 100.0) == 3.0  # never below: the last speed-up (the knee is at least that)
+    low = [{"speed_up": 1.3, "val_acc": 50.0}, {"speed_up": 3.0, "val_acc": 40.0}]
+    assert knee(low, 100.0) == 1.3  # already below at the start
+    both = knees({0: {"points": original}, 4: {"points": flat}})  # both against the original's 100
+    assert both == {0: pytest.approx(1.6), 4: 3.0}
+
+
 def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
     overrides = ["run=quickstart", "task.data_models.num=3", "task.quickstart.epochs=[2]",
                  "task.pruning.target_speed_ups=[1.5]", "task.quickstart.target_index=100"]
@@ -28,7 +41,9 @@ def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
     assert [r["variant"] for r in rows] == ["metanetwork (epoch 2)", "no metanetwork"]
     assert all(r["speed_up"] >= 1.5 for r in rows)
     run_dir = Path(cfg.run_dir)
-    assert read_json(run_dir / "quickstart_results.json")["selected_epoch"] == 2
+    results = read_json(run_dir / "quickstart_results.json")
+    assert results["selected_epoch"] == 2 and set(results["knees"]) == {"0", "2"}
+    assert "knee (val acc < 80% of the original's" in (run_dir / "quickstart_results.md").read_text()
     assert (run_dir / "quickstart_results.csv").read_text().count("\n") == 3  # header + 2 rows
     assert "| no metanetwork | 1.5x |" in (run_dir / "quickstart_results.md").read_text()
     assert (tmp_path / "figures" / "quickstart_acc_vs_speed_up.png").stat().st_size > 0
