@@ -473,7 +473,11 @@ def test_equivariance_on_a_converted_resnet8(variant):
         expected[f"layer1.0.bn1.{name}"] = state[f"layer1.0.bn1.{name}"][perm]
     expected["layer1.0.conv2.weight"] = state["layer1.0.conv2.weight"][:, perm]
     assert state_p.keys() == expected.keys()
+    # The in-layer rank feature (norm - min) / (max - min) of the magnitude features amplifies float32
+    # summation-order differences by up to 1 / (relative span of the layer's norms): measured up to 1e-4
+    # relative with 1 thread. A wrong permutation gives differences of order 1.
+    atol, rtol = (ATOL, 0.0) if variant == "additive" else (1e-4, 1e-3)
     for key in expected:
-        torch.testing.assert_close(state_p[key], expected[key], atol=ATOL, rtol=0, msg=key)
+        torch.testing.assert_close(state_p[key], expected[key], atol=atol, rtol=rtol, msg=key)
     # and the edit is real: the output network differs from the input network
     assert (state["layer1.0.conv2.weight"] - model.state_dict()["layer1.0.conv2.weight"][:, perm.argsort()]).abs().max() > 0
