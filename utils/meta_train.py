@@ -27,7 +27,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -37,7 +36,6 @@ from nn.metanetwork import build_metanetwork
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.convert import NetworkGraph, graph_to_state_dict
 from utils.io import atomic_save, write_csv
-from utils.pruning.progressive import pruning_kwargs
 from utils.pruning.schemes import scheme_for
 from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from utils.stages import data_for, example_input
@@ -85,6 +83,13 @@ def load_metanetwork(cfg: DictConfig, graph: NetworkGraph, epoch: int, device: t
     return metanet.eval()
 
 
+def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (e.g. a metanetwork's output weights) into ``model``'s parameters and buffers, in place."""
+    with torch.no_grad():
+        for name, value in model.state_dict(keep_vars=True).items():
+            value.copy_(state[name])
+
+
 @dataclass
 class _Work:
     """Per data model, built once: a work copy of the network, its pruner, the graph on the device."""
@@ -119,9 +124,7 @@ class MetaTrainer:
         state = graph_to_state_dict(out)
         times["metanet_fwd_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        with torch.no_grad():  # the work copy holds W; gradients are taken with respect to it
-            for name, value in w.model.state_dict(keep_vars=True).items():
-                value.copy_(state[name])
+        load_weights(w.model, state)  # the work copy holds W; gradients are taken with respect to it
         w.model.zero_grad(set_to_none=False)
         task_loss = 0.0
         for _ in range(int(self.mt.batches_per_step)):
@@ -213,7 +216,7 @@ def penalty_descent(model: torch.nn.Module, regularize: Callable[[torch.nn.Modul
     """Minimise the sparsity penalty alone, until ``||W||^2`` has fallen ``fall``-fold (or ``max_steps``).
 
     Without ``metanet``: plain gradient descent on the weights of ``model`` (``lr`` is the step size). With it:
-    AdamW on the metanetwork's parameters, ``W = graph_to_state_dict(metanet(graph))`` as in meta-training,
+    ``optimizer`` (:func:`build_meta_optimizer`) on the metanetwork's parameters, ``W = graph_to_state_dict(metanet(graph))`` as in meta-training,
     one vector-Jacobian product per step. This is the expressivity check of the metanetwork: with the task
     loss out of the way, can it shrink channels *selectively*, as direct descent does, or only all together?
     Returns the steps taken and ``||W||^2`` before and after; ``model`` holds the final weights.
@@ -230,9 +233,7 @@ def penalty_descent(model: torch.nn.Module, regularize: Callable[[torch.nn.Modul
         steps += 1
         if metanet is not None:
             state = graph_to_state_dict(apply_metanetwork(metanet, graph))
-            with torch.no_grad():
-                for name, value in model.state_dict(keep_vars=True).items():
-                    value.copy_(state[name])
+            load_weights(model, state)
         for p in params.values():
             p.grad = torch.zeros_like(p)
         regularize(model)
@@ -247,9 +248,7 @@ def penalty_descent(model: torch.nn.Module, regularize: Callable[[torch.nn.Modul
         meta_step(opt, metanet, optimizer)
     if metanet is not None:  # the weights of the last metanetwork
         with torch.no_grad():
-            state = graph_to_state_dict(apply_metanetwork(metanet, graph))
-            for name, value in model.state_dict(keep_vars=True).items():
-                value.copy_(state[name])
+            load_weights(model, graph_to_state_dict(apply_metanetwork(metanet, graph)))
     return {"steps": steps, "norm_sq_start": start, "norm_sq_end": weight_norm_sq(model)}
 
 
