@@ -51,6 +51,7 @@ from utils.meta_train import (
     epoch_checkpoint,
     load_data_models,
     load_metanetwork,
+    meta_settings,
     meta_step,
     plot_meta,
     validate,
@@ -95,13 +96,13 @@ def meta_train(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(seed)
     metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
     wrapped = du.wrap_ddp(metanet, ctx.device, find_unused_parameters=bool(cfg.dist.find_unused_parameters))
-    trainer = MetaTrainer(cfg, ctx, wrapped, example)
     fingerprint = {"metanetwork": resolved(cfg, "metanetwork")["metanetwork"], "slots": train_set.slots,
-                   "meta_train": {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"},
+                   "meta_train": meta_settings(mt),
                    "seed": seed, "ranks": world}
     state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
     optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
                                                            state.start, state.rows, state.val_rows)
+    trainer = MetaTrainer(cfg, ctx, wrapped, example, state.budget)
     last = state.path
     if start == 0:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0))
@@ -131,6 +132,8 @@ def meta_train(cfg: DictConfig) -> dict[str, Any]:
                     raise FloatingPointError(f"{bad} meta-training steps in a row were not finite; lower "
                                              f"task.meta_train.lr or pruner_reg. Last good epoch: {meta_dir}")
             task_loss, sparsity = du.all_reduce_sum([r["task_loss"], r["sparsity"]])
+            if state.budget is not None:  # the same mean loss on every rank: the multipliers stay equal
+                state.budget.update(task_loss / world / int(mt.batches_per_step))
             rows.append({"epoch": epoch + 1, "step": s + 1, "slot": item.slot, "lr": optimizer.param_groups[0]["lr"],
                          "task_loss": task_loss / world, "sparsity": sparsity / world, "skipped": not ok,
                          **{k: v for k, v in r.items() if k.endswith("_s")}})  # losses: mean over ranks
@@ -141,7 +144,8 @@ def meta_train(cfg: DictConfig) -> dict[str, Any]:
                          "metanetwork_cfg": resolved(cfg, "metanetwork")["metanetwork"]}, epoch_checkpoint(meta_dir, epoch + 1))
             atomic_save({"metanetwork": metanet.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rows": rows, "val_rows": val_rows,
-                         "fingerprint": fingerprint}, last)
+                         "fingerprint": fingerprint,
+                         "log_mu": state.budget.log_mu if state.budget else 0.0}, last)
             write_csv(rows, meta_dir / "meta_losses.csv")
             write_csv(val_rows, meta_dir / "meta_val.csv")
             plot_meta(rows, val_rows, meta_dir / "meta_train.png")

@@ -53,7 +53,7 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float]) -> Dict[str, Any]:
         epoch, scores = int(cfg.meta_epoch), {}
     else:
         vis = dispatch(stage_config(cfg, "visualize", index=_candidate_epochs(cfg), **ref))
-        epoch, scores = select_epoch(vis["curves"])
+        epoch, scores = select_epoch(vis["curves"], vis.get("reference_val_acc"))
     timings["metanetwork_s"] = round(time.time() - t, 1)
     log.info("benchmark: metanetwork epoch %d from %s", epoch, meta_dir)
     return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir}

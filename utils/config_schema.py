@@ -75,6 +75,8 @@ RULES: Dict[str, Rule] = {
     "task.meta_train.batch_size": INT_AT_LEAST_1,
     "task.meta_train.batches_per_step": INT_AT_LEAST_1,
     "task.meta_train.max_bad_steps": INT_AT_LEAST_1,
+    "task.meta_train.task_budget": POSITIVE,
+    "task.meta_train.dual_lr": POSITIVE,
     "task.pruning.initial_speed_up": SPEED_UP,
     "task.pruning.target_speed_ups": _list_of(SPEED_UP),
     "task.pruning.initial_sparsity": FRACTION,

@@ -7,7 +7,10 @@ One step per training data model (shuffled every epoch):
    and ``dL/dW`` is accumulated over ``batches_per_step`` training batches by ordinary backward passes
    through the network only;
 3. Torch-Pruning's ``GroupNormPruner.regularize`` adds the group-sparsity gradient to ``dL/dW`` (for
-   unstructured methods, its per-weight counterpart; see :mod:`utils.pruning.schemes`);
+   unstructured methods, its per-weight counterpart; see :mod:`utils.pruning.schemes`). The balance of the
+   two terms is ``pruner_reg`` (``balance: fixed``, published), or, with ``balance: constrained``, a
+   multiplier of the task term per data model, learnt by dual ascent so that the task loss stays near
+   ``task_budget`` (see :class:`TaskBudget`);
 4. **one** vector-Jacobian product pushes the total ``dL/dW`` through the conversion and the metanetwork,
    then AdamW steps. (The published code backpropagated through the metanetwork once per batch.)
 
@@ -100,12 +103,65 @@ class _Work:
     params: List[str]
 
 
+BALANCES = ("fixed", "constrained")
+
+
+class TaskBudget:
+    """The task/sparsity balance of ``balance: constrained``: minimise the sparsity penalty subject to the task
+    loss (mean cross-entropy per batch at the metanetwork's output, over the data models) staying at most
+    ``task_budget``.
+
+    The task term gets a Lagrange multiplier ``mu``, kept as ``log mu`` (start 0: the fixed balance). After
+    every step, ``log mu += dual_lr * clip(log(loss / budget), -1, 1)``: the task term weighs more while the
+    loss is above the budget, and the sparsity term takes over while it is below. The fixed balance has no
+    such feedback: once the penalty wins, the output network falls to chance and stays there, and the later
+    epochs cannot be fine-tuned back. ``log mu`` is kept in [-20, 20]."""
+
+    LIMIT = 20.0
+
+    def __init__(self, budget: float, lr: float, log_mu: float = 0.0) -> None:
+        self.budget, self.lr, self.log_mu = budget, lr, float(log_mu)
+
+    @property
+    def weight(self) -> float:
+        return math.exp(self.log_mu)
+
+    def update(self, loss_per_batch: float) -> None:
+        """One dual step after a meta-training step whose task loss was ``loss_per_batch``."""
+        if not math.isfinite(loss_per_batch):
+            return
+        ratio = math.log(max(loss_per_batch, 1e-12) / self.budget)
+        self.log_mu = max(-self.LIMIT, min(self.LIMIT, self.log_mu + self.lr * max(-1.0, min(1.0, ratio))))
+
+
+def meta_settings(mt: DictConfig) -> Dict[str, Any]:
+    """The ``task.meta_train`` settings a resumed run must share (``epochs`` may grow; the keys of the
+    constrained balance count only when it is on, so runs made before it existed still resume)."""
+    out = {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"}
+    if str(out.get("balance", "fixed")) == "fixed":
+        for key in ("balance", "task_budget", "dual_lr"):
+            out.pop(key, None)
+    return out
+
+
+def task_budget(mt: DictConfig, log_mu: float = 0.0) -> Optional[TaskBudget]:
+    """The :class:`TaskBudget` of ``task.meta_train`` (None for the fixed balance)."""
+    balance = str(mt.get("balance", "fixed"))
+    if balance not in BALANCES:
+        raise ConfigError(f"task.meta_train.balance={balance!r} is unknown; valid: {', '.join(BALANCES)}")
+    if balance == "fixed":
+        return None
+    return TaskBudget(float(mt.task_budget), float(mt.dual_lr), log_mu)
+
+
 class MetaTrainer:
-    def __init__(self, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, example: torch.Tensor) -> None:
+    def __init__(self, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, example: torch.Tensor,
+                 budget: Optional[TaskBudget] = None) -> None:
         self.cfg, self.ctx, self.metanet, self.example = cfg, ctx, metanet, example
         self.mt = cfg.task.meta_train
         self._work: Dict[int, _Work] = {}
         self.scheme = scheme_for(cfg.method)
+        self.budget = budget
 
     def work(self, item: DataModel) -> _Work:
         if item.slot not in self._work:
@@ -126,8 +182,8 @@ class MetaTrainer:
         t = time.perf_counter()
         load_weights(w.model, state)  # the work copy holds W; gradients are taken with respect to it
         w.model.zero_grad(set_to_none=False)
-        task_loss = 0.0
-        for _ in range(int(self.mt.batches_per_step)):
+        task_loss, n = 0.0, int(self.mt.batches_per_step)
+        for _ in range(n):
             x, y = next(batches)
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
             loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (DESIGN.md section 5)
@@ -136,6 +192,12 @@ class MetaTrainer:
         times["data_s"] = time.perf_counter() - t
         t = time.perf_counter()
         params = dict(w.model.named_parameters())
+        task_weight = 1.0
+        if self.budget is not None:  # the task term's multiplier; the caller takes the dual step
+            task_weight = self.budget.weight
+            with torch.no_grad():
+                for p in params.values():
+                    p.grad.mul_(task_weight)
         before = {n: p.grad.clone() for n, p in params.items()}
         w.regularize(w.model)
         with torch.no_grad():  # the penalty whose gradient regularize added: reg/2 * sum gamma * w^2
@@ -150,7 +212,7 @@ class MetaTrainer:
         if finite:  # one vector-Jacobian product through the conversion and the metanetwork
             torch.autograd.backward([state[w.params[i]] for i in edited], [grads[i] for i in edited])
         times["metanet_bwd_s"] = time.perf_counter() - t
-        return {"task_loss": task_loss, "sparsity": sparsity, "finite": finite, **times}
+        return {"task_loss": task_loss, "sparsity": sparsity, "task_weight": task_weight, "finite": finite, **times}
 
 
 META_OPTIMIZERS = ("adamw", "nsgd")
@@ -185,6 +247,7 @@ class MetaState:
     rows: List[Dict[str, Any]]
     val_rows: List[Dict[str, Any]]
     path: Path
+    budget: Optional[TaskBudget]  # balance=constrained: the task multipliers, saved with the optimiser
 
     @classmethod
     def load_or_new(cls, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, path: Path,
@@ -196,7 +259,7 @@ class MetaState:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones),
                                                          gamma=float(mt.get("gamma", 0.1)))
         epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
-        state = cls(optimizer, scheduler, epochs, 0, [], [], path)
+        state = cls(optimizer, scheduler, epochs, 0, [], [], path, task_budget(mt))
         if cfg.resume and path.exists():  # every rank (main_imagenet) reads the same file
             ckpt = load_checkpoint(path, map_location=ctx.device)
             if ckpt["fingerprint"] != fingerprint:
@@ -206,6 +269,8 @@ class MetaState:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             state.start, state.rows, state.val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
+            if state.budget is not None:
+                state.budget = task_budget(mt, float(ckpt.get("log_mu", 0.0)))
             log.info("meta_train: resumed after epoch %d/%d from %s", state.start, epochs, path)
         return state
 
@@ -272,11 +337,10 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     example = example_input(splits, ctx.device)
     torch.manual_seed(int(cfg.seed))
     metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
-    trainer = MetaTrainer(cfg, ctx, metanet, example)
     fingerprint = {"metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True),  # epochs may grow
-                   "meta_train": {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"},
-                   "slots": train_set.slots, "seed": int(cfg.seed)}
+                   "meta_train": meta_settings(mt), "slots": train_set.slots, "seed": int(cfg.seed)}
     state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
+    trainer = MetaTrainer(cfg, ctx, metanet, example, state.budget)
     optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
                                                            state.start, state.rows, state.val_rows)
     last = state.path
@@ -294,6 +358,8 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
         for i in tqdm(order, desc=f"meta epoch {epoch + 1}/{epochs}", disable=not cfg.progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
             r = trainer.step(train_set[i], batches)
+            if state.budget is not None:
+                state.budget.update(r["task_loss"] / int(mt.batches_per_step))
             ok = r["finite"] and all(torch.isfinite(p.grad).all() for p in metanet.parameters() if p.grad is not None)
             if ok:
                 meta_step(optimizer, metanet, str(mt.get("optimizer", "adamw")))
@@ -314,7 +380,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
                     epoch_checkpoint(meta_dir, epoch + 1))
         atomic_save({"metanetwork": metanet.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rows": rows, "val_rows": val_rows,
-                     "fingerprint": fingerprint}, last)
+                     "fingerprint": fingerprint, "log_mu": state.budget.log_mu if state.budget else 0.0}, last)
         write_csv(rows, meta_dir / "meta_losses.csv")
         write_csv(val_rows, meta_dir / "meta_val.csv")
         plot_meta(rows, val_rows, meta_dir / "meta_train.png")

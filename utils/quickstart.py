@@ -66,9 +66,11 @@ def curve_score(points: List[Dict[str, float]], lo: float, hi: float) -> float:
     return float(np.interp(grid, x, y).mean())
 
 
-def select_epoch(curves: Dict[int, List[Dict[str, float]]]) -> tuple[int, Dict[int, float]]:
+def select_epoch(curves: Dict[int, List[Dict[str, float]]],
+                 reference: float | None = None) -> tuple[int, Dict[int, float]]:
     """The metanetwork epoch (> 0) whose curve keeps its accuracy to the highest speed-up: the largest knee
-    (:func:`utils.visualize.knee`, against the original network's accuracy, epoch 0), ties broken by the
+    (:func:`utils.visualize.knee`, against ``reference``, the original network's validation accuracy; without
+    it, against the start of the epoch-0 curve), ties broken by the
     :func:`curve_score` over the range all curves cover. Returns the epoch and every epoch's score.
 
     (Mean accuracy alone can prefer a flat curve that starts low: a metanetwork whose output network did not
@@ -78,7 +80,7 @@ def select_epoch(curves: Dict[int, List[Dict[str, float]]]) -> tuple[int, Dict[i
     lo = max(min(p["speed_up"] for p in pts) for pts in curves.values())
     hi = min(max(p["speed_up"] for p in pts) for pts in curves.values())
     scores = {int(e): curve_score(pts, lo, hi) for e, pts in curves.items()}
-    knee_of = knees({int(e): {"points": pts} for e, pts in curves.items()})
+    knee_of = knees({int(e): {"points": pts} for e, pts in curves.items()}, reference)
     candidates = [e for e in scores if e > 0]
     if not candidates:
         raise ValueError("task.quickstart.epochs needs at least one metanetwork epoch > 0")
@@ -143,7 +145,7 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     timed("meta_train", stage_config(cfg, "meta_train"))
     epochs = sorted({0, *map(int, qs.epochs)})
     vis = timed("visualize", stage_config(cfg, "visualize", index=epochs))
-    epoch, scores = select_epoch(vis["curves"])
+    epoch, scores = select_epoch(vis["curves"], vis.get("reference_val_acc"))
     knee_of = vis["knees"]
     log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f, knee %.2fx; no "
              "metanetwork %.2f, knee %.2fx)", epoch, scores[epoch], knee_of[epoch], scores.get(0, float("nan")),

@@ -51,10 +51,12 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
     with torch.no_grad():
         graph = apply_metanetwork(metanet, item.graph.to(ctx.device))
     model = graph_to_model(graph).to(ctx.device)
-    fit = train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out_dir / f"epoch_{epoch:03d}", seed)
-    model.eval()
     scheme = scheme_for(cfg.method)
     example = example_input(splits, ctx.device)
+    # the same fine-tuning as run=pruning_final's, sparse learning's regulariser included
+    fit = train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out_dir / f"epoch_{epoch:03d}", seed,
+                      after_backward=scheme.finetune_hook(model, example, "finetune_after_metanetwork"))
+    model.eval()
     base_macs = int(item.info["base_macs"])
     limit = scheme.curve_limit(vis)
     every = int(vis.eval_every) if scheme.axis == "speed_up" else 1  # unstructured curves have few, coarse steps
@@ -89,9 +91,13 @@ def knee(points: List[Dict[str, float]], reference_acc: float, axis: str = "spee
     return float(points[-1][axis]) if points[0]["val_acc"] >= level else float(points[0][axis])
 
 
-def knees(curves: Dict[int, Dict[str, Any]]) -> Dict[int, float]:
-    """Every curve's :func:`knee`, against the original network (epoch 0) when drawn, else its own start."""
-    reference = curves[0]["points"][0]["val_acc"] if 0 in curves else None
+def knees(curves: Dict[int, Dict[str, Any]], reference: float | None = None) -> Dict[int, float]:
+    """Every curve's :func:`knee` against ``reference``, the original network's validation accuracy (its
+    stored ``val_acc``, before any fine-tuning). Without it: against the start of the epoch-0 curve when
+    drawn, else each curve's own start. (A curve's own start is no reference for a method that changes the
+    network before pruning: sparse learning with too strong a ``reg`` starts at chance and stays flat.)"""
+    if reference is None and 0 in curves:
+        reference = curves[0]["points"][0]["val_acc"]
     return {e: knee(c["points"], reference if reference is not None else c["points"][0]["val_acc"],
                     c.get("axis", "speed_up")) for e, c in curves.items()}
 
@@ -115,6 +121,8 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
             "visualize": OmegaConf.to_container(cfg.task.visualize, resolve=True), "limits": vars(ctx.limits),
             "checkpoint": _digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch else "",
         }
+        if cfg.method.name == "sparse_learning":  # curves cached before its fine-tuning was regularised are stale
+            fingerprint["finetune"] = "regularized"
         if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
             curves[epoch] = read_json(cache)
             log.info("epoch %d: cached curve %s", epoch, cache)
@@ -122,15 +130,17 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
         curves[epoch] = {**curve(cfg, ctx, item, epoch, splits, loaders, ctx.run_dir), "fingerprint": fingerprint}
         atomic_write_json(curves[epoch], cache)
     axis = scheme_for(cfg.method).axis
-    knee_of = knees(curves)
+    reference = float(item.info["val_acc"])  # the original data model's, before any fine-tuning
+    knee_of = knees(curves, reference)
     for e in epochs:
         log.info("epoch %d: knee at %.3f (%s where val acc falls below %.0f%% of the original's)", e, knee_of[e],
                  axis, 100 * KNEE_FRACTION)
-    atomic_write_json({"fraction": KNEE_FRACTION, "axis": axis, "knees": {str(e): k for e, k in knee_of.items()}},
-                      ctx.run_dir / "knees.json")
+    atomic_write_json({"fraction": KNEE_FRACTION, "axis": axis, "reference_val_acc": reference,
+                       "knees": {str(e): k for e, k in knee_of.items()}}, ctx.run_dir / "knees.json")
     plot_curves(curves, ctx.run_dir / "acc_vs_speed_up", title=f"{cfg.task.name}, {cfg.method.name}, "
                 f"validation data model {item.slot}", knee_of=knee_of)
     return {"axis": axis, "curves": {e: c["points"] for e, c in curves.items()}, "knees": knee_of,
+            "reference_val_acc": reference,
             "figure": str(ctx.run_dir / "acc_vs_speed_up.png")}
 
 

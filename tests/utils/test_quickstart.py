@@ -30,6 +30,10 @@ def test_knee_is_where_the_curve_first_falls_below_80_percent_of_the_original():
     assert knee(low, 100.0) == 1.3  # already below at the start
     both = knees({0: {"points": original}, 4: {"points": flat}})  # both against the original's 100
     assert both == {0: pytest.approx(1.6), 4: 3.0}
+    chance = [{"speed_up": 1.3, "val_acc": 10.0}, {"speed_up": 3.0, "val_acc": 10.0}]  # e.g. too strong a reg
+    assert knees({0: {"points": chance}}) == {0: 3.0}  # against its own start it would look flat
+    assert knees({0: {"points": chance}, 4: {"points": flat}}, reference=98.0) == {0: 1.3, 4: 3.0}
+    assert select_epoch({0: original, 2: low, 4: flat}, reference=98.0)[0] == 4
 
 
 def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
