@@ -47,6 +47,8 @@ def train_stage(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loader
         "schedule": OmegaConf.to_container(schedule, resolve=True), "batch_size": cfg.task.batch_size,
         "optim": OmegaConf.to_container(cfg.optim, resolve=True), "seed": seed, "limits": vars(ctx.limits),
     }
+    if after_backward is not None:  # e.g. sparse learning's regulariser: its settings define the run too
+        fingerprint["after_backward"] = OmegaConf.to_container(cfg.method, resolve=True)
     return fit(model, loaders, schedule, cfg.optim, ctx.device, run_dir=run_dir, name=stage, resume=bool(cfg.resume),
                limits=ctx.limits, seed=seed, progress=bool(cfg.progress), fingerprint=fingerprint,
                after_backward=after_backward)
