@@ -9,7 +9,7 @@ One step per training data model (shuffled every epoch):
 3. Torch-Pruning's ``GroupNormPruner.regularize`` adds the group-sparsity gradient to ``dL/dW`` (for
    unstructured methods, its per-weight counterpart; see :mod:`utils.pruning.schemes`). The balance of the
    two terms is ``pruner_reg`` (``balance: fixed``, published), or, with ``balance: constrained``, a
-   multiplier of the task term per data model, learnt by dual ascent so that the task loss stays near
+   multiplier of the task term, learnt by dual ascent so that the task loss stays near
    ``task_budget`` (see :class:`TaskBudget`);
 4. **one** vector-Jacobian product pushes the total ``dL/dW`` through the conversion and the metanetwork,
    then AdamW steps. (The published code backpropagated through the metanetwork once per batch.)
@@ -182,8 +182,8 @@ class MetaTrainer:
         t = time.perf_counter()
         load_weights(w.model, state)  # the work copy holds W; gradients are taken with respect to it
         w.model.zero_grad(set_to_none=False)
-        task_loss, n = 0.0, int(self.mt.batches_per_step)
-        for _ in range(n):
+        task_loss = 0.0
+        for _ in range(int(self.mt.batches_per_step)):
             x, y = next(batches)
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
             loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (DESIGN.md section 5)
@@ -247,7 +247,7 @@ class MetaState:
     rows: List[Dict[str, Any]]
     val_rows: List[Dict[str, Any]]
     path: Path
-    budget: Optional[TaskBudget]  # balance=constrained: the task multipliers, saved with the optimiser
+    budget: Optional[TaskBudget]  # balance=constrained: the task multiplier, saved with the optimiser
 
     @classmethod
     def load_or_new(cls, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, path: Path,
@@ -270,7 +270,7 @@ class MetaState:
             scheduler.load_state_dict(ckpt["scheduler"])
             state.start, state.rows, state.val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
             if state.budget is not None:
-                state.budget = task_budget(mt, float(ckpt.get("log_mu", 0.0)))
+                state.budget.log_mu = float(ckpt.get("log_mu", 0.0))
             log.info("meta_train: resumed after epoch %d/%d from %s", state.start, epochs, path)
         return state
 
