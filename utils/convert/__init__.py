@@ -6,8 +6,10 @@
 
 The layout (nodes, edges, the map from every state-dict entry to its feature slots) is derived from a
 torch.fx trace plus the per-module adapters in ``adapters.py``, and cached per (architecture, widths,
-input size): after the first call, converting is a few reshapes, one ``cat`` per edge type and one
-scatter/gather per per-channel tensor, with no Python loop over channels or edges.
+input size): after the first call, converting is one copy of every weight into its edge type's feature
+buffer and one scatter/gather per per-channel tensor, with no Python loop over channels or edges. The
+layout stores edges per channel and builds ``edge_index`` only when it is read (by the metanetwork), so
+conversion itself costs about the weights' bytes once more.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from utils.convert.adapters import UnsupportedLayerError, passthrough, register_module_adapter
-from utils.convert.builder import rows_of, tensor_of
+from utils.convert.builder import tensor_of, write_rows
 from utils.convert.graph import (
     NODE_ATTENTION,
     NODE_HIDDEN,
@@ -111,11 +113,15 @@ def model_to_graph(model: torch.nn.Module, example_input: Optional[torch.Tensor]
             node_features[nodes, cols] = state[p.name].reshape(-1).to(ref.dtype)
     edge_features = {}
     blocks = _edge_blocks(layout)
-    for t, ei in layout.edge_index.items():
+    for t in layout.edge_index:  # each type's features are written once, into their final buffer
+        count = layout.edge_count(t)
         if t in layout.constant_edges:
-            edge_features[t] = torch.full((ei.shape[1], 1), layout.constant_edges[t], dtype=ref.dtype, device=ref.device)
-        else:
-            edge_features[t] = torch.cat([rows_of(state[p.name], p.recipe, p.recipe_args) for p in blocks[t]])
+            edge_features[t] = torch.full((count, 1), layout.constant_edges[t], dtype=ref.dtype, device=ref.device)
+            continue
+        rows = torch.empty(count, layout.edge_dims[t], dtype=ref.dtype, device=ref.device)
+        for p in blocks[t]:
+            write_rows(rows[p.start: p.start + p.count], state[p.name], p.recipe, p.recipe_args)
+        edge_features[t] = rows
     extras = {k: state[k].clone() for k in layout.extras}
     return NetworkGraph(layout, node_features, edge_features, extras)
 

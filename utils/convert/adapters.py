@@ -10,7 +10,8 @@ return value describes the output. Register one for a new layer type with::
     def _my_layer(walk, name, module, inputs):
         x = walk.expect_chan(name, inputs[0], axis=1, consume=True)  # its input channels
         out = walk.builder.new_nodes(module.out_channels)   # its output channels
-        walk.builder.add_weight_edges("conv3x3", 9, src, dst, f"{name}.weight", module.weight.shape)
+        # every output channel reads every input channel: edge r = (output r // C_in, input r % C_in)
+        walk.builder.add_dense_weight_edges("conv3x3", 9, x.nodes, out, f"{name}.weight", module.weight.shape)
         return walk.produced(name, out, axis=1)
 
 Channel-preserving layers (activations, pooling, dropout) are registered with :func:`passthrough`.
@@ -99,10 +100,8 @@ def _conv2d(walk, name: str, conv: tnn.Conv2d, inputs):
     out = walk.builder.new_nodes(o)
     # Edge r = (output channel r // ig, input channel of its group r % ig): the weight's own element order,
     # so the weight is exactly the edge features' rows. Grouped/depthwise convs connect within groups only.
-    oc = torch.arange(o).repeat_interleave(ig)
-    ic = (oc // (o // g)) * ig + torch.arange(ig).repeat(o)
-    walk.builder.add_weight_edges(f"conv{kh}x{kw}", kh * kw, x.nodes[ic], out[oc], f"{name}.weight",
-                                  conv.weight.shape, "rows", (o * ig, kh * kw))
+    walk.builder.add_dense_weight_edges(f"conv{kh}x{kw}", kh * kw, x.nodes, out, f"{name}.weight",
+                                        conv.weight.shape, "rows", (o * ig, kh * kw), groups=g)
     if conv.bias is not None:
         walk.builder.attach("bias", out, {"": (f"{name}.bias", slice(None))})
     return walk.produced(name, out, axis=1)
@@ -116,8 +115,8 @@ def _linear(walk, name: str, lin: tnn.Linear, inputs):
     if c * s != i:
         raise UnsupportedLayerError(f"{name}: Linear has {i} inputs but its input carries {c} channels x {s}")
     out = walk.builder.new_nodes(o)  # dense bipartite block: edge r = (output r // c, input r % c)
-    walk.builder.add_weight_edges("linear" if s == 1 else f"linear_x{s}", s, x.nodes.repeat(o), out.repeat_interleave(c),
-                                  f"{name}.weight", lin.weight.shape, "rows", (o * c, s))
+    walk.builder.add_dense_weight_edges("linear" if s == 1 else f"linear_x{s}", s, x.nodes, out, f"{name}.weight",
+                                        lin.weight.shape, "rows", (o * c, s))
     if lin.bias is not None:
         walk.builder.attach("bias", out, {"": (f"{name}.bias", slice(None))})
     return walk.produced(name, out, axis=-1)
@@ -163,15 +162,15 @@ def _mha(walk, name: str, mha: tnn.MultiheadAttention, inputs):
     # function, so the triple is one edge with 3 features from every residual channel.
     att = walk.builder.new_nodes(e, NODE_ATTENTION)
     c = x.nodes.numel()
-    walk.builder.add_weight_edges("attn_qkv", 3, x.nodes.repeat(e), att.repeat_interleave(c), f"{name}.in_proj_weight",
-                                  mha.in_proj_weight.shape, "qkv", (e,))
+    walk.builder.add_dense_weight_edges("attn_qkv", 3, x.nodes, att, f"{name}.in_proj_weight",
+                                        mha.in_proj_weight.shape, "qkv", (e,))
     if mha.in_proj_bias is not None:
         walk.builder.attach("qkv_bias", att, {k: (f"{name}.in_proj_bias", slice(i * e, (i + 1) * e))
                                               for i, k in enumerate("qkv")})
     walk.builder.module_nodes[f"{name}.in_proj"] = att
     out = walk.builder.new_nodes(e)
-    walk.builder.add_weight_edges("linear", 1, att.repeat(e), out.repeat_interleave(e), f"{name}.out_proj.weight",
-                                  mha.out_proj.weight.shape, "rows", (e * e, 1))
+    walk.builder.add_dense_weight_edges("linear", 1, att, out, f"{name}.out_proj.weight",
+                                        mha.out_proj.weight.shape, "rows", (e * e, 1))
     if mha.out_proj.bias is not None:
         walk.builder.attach("bias", out, {"": (f"{name}.out_proj.bias", slice(None))})
     return (walk.produced(name, out, axis=-1), Outside())

@@ -1,6 +1,8 @@
 """Accumulates nodes, typed edges and per-channel slots while a traced network is walked.
 
 Everything here is vectorised over channels: the only Python loops run over layers and parameters.
+Edges are recorded per layer as :class:`~utils.convert.graph.EdgeBlock` s (channel ids, not edge ids),
+so tracing costs memory in the number of channels, not of weights.
 Summed parametric branches are merged with an alias table (``alias[dropped] = kept``) that is resolved
 once in :meth:`GraphBuilder.finalize`; slots (``bn0``, ``bn1``, ...) are numbered after merging, so a
 residual sum's main-branch BatchNorm and downsample BatchNorm get separate slots on the same nodes.
@@ -12,25 +14,31 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from utils.convert.graph import NODE_HIDDEN, NODE_OUTPUT, GraphLayout, ParamMap
+from utils.convert.graph import NODE_HIDDEN, NODE_OUTPUT, EdgeBlock, EdgeIndex, GraphLayout, ParamMap
 
 # Neutral content of an unused slot: scales and variances 1, everything else 0.
 _NEUTRAL_ONE = ("weight", "running_var")
 _KIND_ORDER = {"bias": 0, "bn": 1, "ln": 2, "qkv_bias": 3}
 
 
-def rows_of(tensor: torch.Tensor, recipe: str, args: Tuple[int, ...]) -> torch.Tensor:
-    """A weight tensor as edge-feature rows (one row per edge), exactly and differentiably."""
+def write_rows(out: torch.Tensor, tensor: torch.Tensor, recipe: str, args: Tuple[int, ...]) -> None:
+    """Copy a weight tensor into its edge-feature rows ``out`` (one row per edge) in place, exactly.
+
+    The copy goes straight from the tensor (through views) into the graph's final buffer: no per-layer
+    intermediate, so a graph costs its features' bytes and nothing more.
+    """
     if recipe == "rows":  # (O, I, *k) -> (O*I, prod(k)); linear after flatten: (O, C*s) -> (O*C, s)
-        return tensor.reshape(args[0], args[1])
-    if recipe == "qkv":  # in_proj (3E, E) -> (E*E, 3): edge (j <- i) carries (Wq[j,i], Wk[j,i], Wv[j,i])
+        out.copy_(tensor.reshape(args[0], args[1]))
+    elif recipe == "qkv":  # in_proj (3E, E) -> (E*E, 3): edge (j <- i) carries (Wq[j,i], Wk[j,i], Wv[j,i])
         e = args[0]
-        return tensor.reshape(3, e, e).permute(1, 2, 0).reshape(e * e, 3)
-    raise ValueError(f"unknown row recipe {recipe!r}")
+        out.view(e, e, 3).copy_(tensor.reshape(3, e, e).permute(1, 2, 0))
+    else:
+        raise ValueError(f"unknown row recipe {recipe!r}")
 
 
 def tensor_of(rows: torch.Tensor, recipe: str, args: Tuple[int, ...], shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`rows_of`."""
+    """The weight tensor of its edge-feature ``rows``, as a view where the layout allows (inverse of
+    :func:`write_rows`, differentiable)."""
     if recipe == "rows":
         return rows.reshape(shape)
     if recipe == "qkv":
@@ -54,7 +62,7 @@ class GraphBuilder:
         self._types: List[torch.Tensor] = []
         self._alias_from: List[torch.Tensor] = []
         self._alias_to: List[torch.Tensor] = []
-        self._edges: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._edges: Dict[str, List[EdgeBlock]] = {}
         self.edge_dims: Dict[str, int] = {}
         self.constant_edges: Dict[str, float] = {}
         self._edge_params: List[ParamMap] = []
@@ -73,27 +81,48 @@ class GraphBuilder:
         self._alias_from.append(drop)
         self._alias_to.append(keep)
 
-    def _add_edges(self, edge_type: str, dim: int, src: torch.Tensor, dst: torch.Tensor) -> int:
+    def _add_edges(self, edge_type: str, dim: int, block: EdgeBlock) -> int:
         if self.edge_dims.setdefault(edge_type, dim) != dim:
             raise ValueError(f"edge type {edge_type} used with {dim} and {self.edge_dims[edge_type]} features")
         lst = self._edges.setdefault(edge_type, [])
-        start = sum(int(s.numel()) for s, _ in lst)
-        lst.append((src, dst))
+        start = sum(b.count for b in lst)
+        lst.append(block)
         return start
+
+    def _add_weight_block(self, edge_type: str, dim: int, block: EdgeBlock, key: str, shape: Sequence[int],
+                          recipe: str, args: Tuple[int, ...]) -> None:
+        if edge_type in self.constant_edges:
+            raise ValueError(f"edge type {edge_type} is constant; weights need another type")
+        start = self._add_edges(edge_type, dim, block)
+        self._edge_params.append(ParamMap(key, "edges", tuple(shape), edge_type, start, block.count, recipe,
+                                          tuple(args)))
 
     def add_weight_edges(self, edge_type: str, dim: int, src: torch.Tensor, dst: torch.Tensor, key: str,
                          shape: Sequence[int], recipe: str = "rows", args: Tuple[int, ...] = ()) -> None:
-        """Edges whose features are the rows of state-dict entry ``key`` (row r <-> edge r)."""
-        if edge_type in self.constant_edges:
-            raise ValueError(f"edge type {edge_type} is constant; weights need another type")
-        start = self._add_edges(edge_type, dim, src, dst)
-        self._edge_params.append(ParamMap(key, "edges", tuple(shape), edge_type, start, int(src.numel()), recipe,
-                                          tuple(args)))
+        """Edges ``src[r] -> dst[r]`` whose features are the rows of state-dict entry ``key`` (row r <-> edge r).
+
+        For a dense or grouped layer prefer :meth:`add_dense_weight_edges`, which stores channels, not edges.
+        """
+        if src.shape != dst.shape or src.dim() != 1:
+            raise ValueError(f"{key}: src and dst must be 1-D and of equal length, got {tuple(src.shape)} and "
+                             f"{tuple(dst.shape)}")
+        self._add_weight_block(edge_type, dim, EdgeBlock(src[:, None], dst[:, None]), key, shape, recipe, args)
+
+    def add_dense_weight_edges(self, edge_type: str, dim: int, src: torch.Tensor, dst: torch.Tensor, key: str,
+                               shape: Sequence[int], recipe: str = "rows", args: Tuple[int, ...] = (),
+                               groups: int = 1) -> None:
+        """Every consumer in ``dst`` reads every producer in ``src`` (within each of ``groups`` equal, consecutive
+        parts of both): edge ``r`` is (consumer ``r // I``, producer ``r % I``) of its group, ``I`` producers per
+        group, which is the element order of a ``(O, I, ...)`` weight, so its rows are the edges' features."""
+        if src.numel() % groups or dst.numel() % groups:
+            raise ValueError(f"{key}: {src.numel()} producers and {dst.numel()} consumers in {groups} groups")
+        block = EdgeBlock(src.reshape(groups, -1), dst.reshape(groups, -1))
+        self._add_weight_block(edge_type, dim, block, key, shape, recipe, args)
 
     def add_constant_edges(self, edge_type: str, src: torch.Tensor, dst: torch.Tensor, value: float = 1.0) -> None:
-        """Edges that carry a constant (identity shortcuts): structure, not parameters."""
+        """Edges ``src[r] -> dst[r]`` that carry a constant (identity shortcuts): structure, not parameters."""
         self.constant_edges[edge_type] = value
-        self._add_edges(edge_type, 1, src, dst)
+        self._add_edges(edge_type, 1, EdgeBlock(src[:, None], dst[:, None]))
 
     def attach(self, kind: str, nodes: torch.Tensor, entries: Mapping[str, Tuple[str, slice]]) -> None:
         """Per-channel parameters of ``nodes``: suffix -> (state-dict key, slice of its flat tensor)."""
@@ -123,8 +152,8 @@ class GraphBuilder:
         if output_nodes is not None:
             node_type[remap[output_nodes]] = NODE_OUTPUT
 
-        edge_index = {t: torch.stack([remap[torch.cat([s for s, _ in lst])], remap[torch.cat([d for _, d in lst])]])
-                      for t, lst in self._edges.items()}
+        edge_index = EdgeIndex({t: [EdgeBlock(remap[b.src], remap[b.dst]) for b in lst]
+                                for t, lst in self._edges.items()})
 
         # Number the slots after merging: k-th layer of a kind writing into the same channels -> slot k.
         counters: Dict[str, torch.Tensor] = {}

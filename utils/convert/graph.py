@@ -16,7 +16,8 @@ field                shape / type                           meaning
 ===================  =====================================  ==============================================
 ``node_features``    float ``(N, F)``                       per-channel parameters, one column per slot
 ``edge_features``    dict ``t -> (E_t, F_t)``               one row per (consumer, producer) weight pair
-``edge_index``       dict ``t -> long (2, E_t)``            ``[producer; consumer]`` node ids
+``edge_index``       mapping ``t -> long (2, E_t)``         ``[producer; consumer]`` node ids (built on first
+                                                            access, see :class:`EdgeIndex`)
 ``node_type``        long ``(N,)``                          ``NODE_INPUT`` / ``HIDDEN`` / ``ATTENTION`` /
                                                             ``OUTPUT``
 ``node_slots``       tuple of ``F`` str                     column names, e.g. ``bn0.weight``, ``bias0``
@@ -40,12 +41,67 @@ otherwise) and is ignored when mapping back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 NODE_INPUT, NODE_HIDDEN, NODE_ATTENTION, NODE_OUTPUT = 0, 1, 2, 3
 NODE_TYPE_NAMES = ("input", "hidden", "attention", "output")
+
+
+@dataclass
+class EdgeBlock:
+    """Edges of one layer, stored per channel rather than per edge: within group ``k``, every consumer
+    ``dst[k, j]`` reads every producer ``src[k, i]``; edges run over groups, then consumers, then
+    producers (the order of a weight's elements). A dense layer is one group, a grouped convolution one
+    group per convolution group, and pairwise edges (identity shortcuts) one group per pair.
+    """
+
+    src: torch.Tensor  # long (G, I)
+    dst: torch.Tensor  # long (G, O)
+
+    @property
+    def count(self) -> int:
+        return int(self.src.shape[0] * self.src.shape[1] * self.dst.shape[1])
+
+    def fill(self, out: torch.Tensor) -> None:
+        """Write this block's ``[producer; consumer]`` ids into ``out`` ``(2, count)`` in place."""
+        g, i, o = self.src.shape[0], self.src.shape[1], self.dst.shape[1]
+        out[0].view(g, o, i).copy_(self.src[:, None, :].expand(g, o, i))
+        out[1].view(g, o, i).copy_(self.dst[:, :, None].expand(g, o, i))
+
+
+class EdgeIndex(Mapping):
+    """``edge_index[t]`` ``(2, E_t)`` of a traced layout, built from its :class:`EdgeBlock` s on first access.
+
+    Converting a network to a graph and back never needs the edge ids, which take 16 bytes per edge (4x a
+    float32 weight): only the metanetwork does. So a layout keeps per-channel blocks, O(channels), and each
+    edge type's index is written straight into its final tensor when first read, then kept.
+    """
+
+    def __init__(self, blocks: Dict[str, List[EdgeBlock]]) -> None:
+        self.blocks = blocks
+        self._built: Dict[str, torch.Tensor] = {}
+
+    def count(self, edge_type: str) -> int:
+        return sum(b.count for b in self.blocks[edge_type])
+
+    def __getitem__(self, edge_type: str) -> torch.Tensor:
+        index = self._built.get(edge_type)
+        if index is None:
+            index = torch.empty(2, self.count(edge_type), dtype=torch.long)
+            start = 0
+            for b in self.blocks[edge_type]:
+                b.fill(index[:, start: start + b.count])
+                start += b.count
+            self._built[edge_type] = index
+        return index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
 
 
 @dataclass
@@ -78,7 +134,7 @@ class GraphLayout:
     node_type: torch.Tensor  # long (N,)
     node_slots: Tuple[str, ...]
     node_fill: torch.Tensor  # float (F,): neutral value of each slot
-    edge_index: Dict[str, torch.Tensor]  # t -> long (2, E_t)
+    edge_index: Mapping[str, torch.Tensor]  # t -> long (2, E_t); an EdgeIndex when traced
     edge_dims: Dict[str, int]  # t -> F_t
     constant_edges: Dict[str, float]  # edge types that carry a constant (identity shortcuts)
     params: List[ParamMap]  # state-dict entries in state-dict order
@@ -92,9 +148,15 @@ class GraphLayout:
         """Bool ``(F,)``: node-feature columns holding buffers (BN running statistics), not parameters."""
         return torch.tensor([n.endswith(("running_mean", "running_var")) for n in self.node_slots], dtype=torch.bool)
 
+    def edge_count(self, edge_type: str) -> int:
+        """``E_t``, without building the edge ids."""
+        if isinstance(self.edge_index, EdgeIndex):
+            return self.edge_index.count(edge_type)
+        return int(self.edge_index[edge_type].shape[1])
+
     @property
     def num_edges(self) -> int:
-        return sum(int(ei.shape[1]) for ei in self.edge_index.values())
+        return sum(self.edge_count(t) for t in self.edge_index)
 
 
 @dataclass
@@ -111,7 +173,7 @@ class NetworkGraph:
         return self.layout.num_nodes
 
     @property
-    def edge_index(self) -> Dict[str, torch.Tensor]:
+    def edge_index(self) -> Mapping[str, torch.Tensor]:
         return self.layout.edge_index
 
     @property
@@ -135,5 +197,5 @@ class NetworkGraph:
         )
 
     def __repr__(self) -> str:
-        edges = ", ".join(f"{t}: {int(ei.shape[1])}x{self.layout.edge_dims[t]}" for t, ei in self.edge_index.items())
+        edges = ", ".join(f"{t}: {self.layout.edge_count(t)}x{self.layout.edge_dims[t]}" for t in self.edge_index)
         return f"NetworkGraph(nodes={self.num_nodes}, node_features={tuple(self.node_features.shape)}, edges={{{edges}}})"

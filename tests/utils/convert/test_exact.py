@@ -154,3 +154,28 @@ def test_unsupported_layer_names_the_module_and_the_fix():
 
         MODULE_ADAPTERS.pop(torch.nn.Upsample)
     assert register_module_adapter  # public
+
+
+def test_edge_ids_of_grouped_depthwise_and_dense_layers():
+    """Each edge joins the channels its weight element connects, built from per-channel blocks."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, groups=3), torch.nn.ReLU(), torch.nn.Conv2d(6, 6, 1, groups=6),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
+    graph = model_to_graph(model)
+    layout = graph.layout
+    assert not layout.edge_index._built  # converting never builds the edge ids; only reading them does
+    inputs = torch.nonzero(layout.node_type == NODE_INPUT).flatten()
+    c0, c2, fc = (layout.module_nodes[k] for k in ("0", "2", "5"))
+    # Conv "0": weight (6, 1, 3, 3), output o reads input o // 2. Conv "2": output o reads channel o.
+    # Linear "5": weight (4, 6), element (o, i) is edge 6 * o + i.
+    expected = {
+        "conv3x3": torch.stack([inputs[torch.arange(6) // 2], c0]),
+        "conv1x1": torch.stack([c0, c2]),
+        "linear": torch.stack([c2.repeat(4), fc.repeat_interleave(6)]),
+    }
+    assert sorted(layout.edge_index) == sorted(expected)
+    for t, ei in expected.items():
+        assert torch.equal(layout.edge_index[t], ei), t
+        assert layout.edge_count(t) == ei.shape[1]
+    assert layout.num_edges == 6 + 6 + 24
+    assert layout.edge_index["linear"] is layout.edge_index["linear"]  # built once, then kept
