@@ -28,6 +28,8 @@ setup(
     extras_require={
         # torch_scatter has no binary wheel for recent torch; building it takes ~13 min. Optional speed-up.
         "scatter": ["torch-scatter"],
+        # ONNX export of pruned networks (run=export, pruning_final export_onnx=true), checked with onnxruntime.
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
         "dev": ["pytest>=7"],
     },
 )

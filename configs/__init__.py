@@ -8,6 +8,15 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
+def _first_set(*values):
+    """``${first_set:${shard},${index},0}``: the first of the values that is not null."""
+    return next((v for v in values if v is not None), None)
+
+
+if not OmegaConf.has_resolver("first_set"):  # the entry points import this package before Hydra composes
+    OmegaConf.register_new_resolver("first_set", _first_set)
+
+
 def load_group_option(group: str, name: str) -> DictConfig:
     """``configs/<group>/<name>.yaml`` as Hydra would compose it for ``<group>=<name>``.
 

@@ -28,7 +28,7 @@ from utils.checkpoint import load_model, save_model
 from utils.io import atomic_write_json
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
-from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
+from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
 from utils.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,11 @@ def make_data_model(cfg: DictConfig, ctx: RunContext, slot: int, splits, loaders
 @RUN_MODES.register("generate")
 def generate(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
-    index = int(cfg.index if cfg.get("index") is not None else 0)
+    shard = run_argument(cfg, "shard")
+    index = int(shard if shard is not None else 0)
     num = int(cfg.num if cfg.get("num") is not None else cfg.task.data_models.num)
     if index < 0 or num < 1:
-        raise ConfigError(f"index={index}, num={num}: a shard needs index >= 0 and num >= 1, e.g. index=0 num=4")
+        raise ConfigError(f"shard={index}, num={num}: a shard needs shard >= 0 and num >= 1, e.g. shard=0 num=4")
     store = Path(cfg.data_models_dir)
     writer = ShardWriter(store / f"shard_{index:03d}.h5", store_header(cfg))
     done = set(writer.finished_slots())

@@ -9,7 +9,7 @@ step is finite: DDP's in-backward all-reduce would deadlock when one rank skips 
 The per-step work is ``utils.meta_train.MetaTrainer``'s, unchanged; checkpoints have its format, so
 ``visualize`` and ``prune_after_metanetwork`` (and the single-process modes) read them.
 
-``run=visualize index=[0,10,20]``: accuracy-vs-speed-up curves of a validation data model per epoch.
+``run=visualize epochs=[0,10,20]``: accuracy-vs-speed-up curves of a validation data model per epoch.
 ``run=prune_after_metanetwork slot=K meta_epoch=E [target_speed_up=1.7]``: network ``K`` (after
 ``finetune``) -> metanetwork -> fine-tune -> prune to the target -> fine-tune -> ``metrics.json``.
 """
@@ -59,7 +59,7 @@ from utils.meta_train import (
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import progressive_prune
-from utils.run_modes import ConfigError
+from utils.run_modes import ConfigError, run_argument
 from utils.stages import evaluate_splits, example_input, train_stage
 from utils.train import evaluate
 from utils.visualize import plot_curves
@@ -172,7 +172,7 @@ def _edited(cfg: DictConfig, item: DataModel, epoch: int, device: torch.device) 
 @STAGES.register("visualize")
 def visualize(cfg: DictConfig) -> dict[str, Any]:
     ctx = prepare(cfg)
-    index = cfg.get("index")
+    index = run_argument(cfg, "epochs")
     epochs = [0] if index is None else [int(index)] if isinstance(index, (int, str)) else [int(e) for e in index]
     vis, seed = cfg.task.visualize, int(cfg.seed)
     item = load_data_models(cfg, "val")[int(vis.get("data_model", 0))]

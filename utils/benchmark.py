@@ -46,13 +46,13 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float]) -> Dict[str, Any]:
     """Data models, meta-training and the selected epoch, shared by every seed."""
     ref = dict(method=str(cfg.benchmark.reference_method), seed=int(cfg.benchmark.meta_seed))
     t = time.time()
-    dispatch(stage_config(cfg, "generate", index=0, num=int(cfg.task.data_models.num), **ref))
+    dispatch(stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num), **ref))
     dispatch(stage_config(cfg, "meta_train", **ref))
     meta_dir = str(stage_config(cfg, "meta_train", **ref).meta_train_dir)
     if cfg.get("meta_epoch") is not None:
         epoch, scores = int(cfg.meta_epoch), {}
     else:
-        vis = dispatch(stage_config(cfg, "visualize", index=_candidate_epochs(cfg), **ref))
+        vis = dispatch(stage_config(cfg, "visualize", epochs=_candidate_epochs(cfg), **ref))
         epoch, scores = select_epoch(vis["curves"], vis.get("reference_val_acc"))
     timings["metanetwork_s"] = round(time.time() - t, 1)
     log.info("benchmark: metanetwork epoch %d from %s", epoch, meta_dir)
@@ -121,9 +121,9 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
             rows.append(read_json(path))
             continue
         spec = methods[label]
-        target_cfg = stage_config(cfg, "pretrain_final", index=slot, seed=seed, method=reference)
+        target_cfg = stage_config(cfg, "pretrain_final", slot=slot, seed=seed, method=reference)
         dispatch(target_cfg)  # trained once per seed, then found finished
-        values: Dict[str, Any] = dict(index=target, seed=seed, reproduce_index=slot, method=spec["method"],
+        values: Dict[str, Any] = dict(target=target, seed=seed, slot=slot, method=spec["method"],
                                       final_targets_dir=str(target_cfg.final_targets_dir))
         if spec.get("metanetwork"):
             values.update(meta_epoch=meta["epoch"], meta_train_dir=meta["meta_train_dir"])

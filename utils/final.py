@@ -1,21 +1,23 @@
 """``run=pretrain_final`` and ``run=pruning_final``: turn a chosen metanetwork into a pruned network.
 
-``run=pretrain_final index=K`` trains a fresh target network exactly like data-model slot ``K`` (train from
+``run=pretrain_final slot=K`` trains a fresh target network exactly like data-model slot ``K`` (train from
 scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots) and saves it to
 ``<final_targets_dir>/target_K/model.pt``.
 
-``run=pruning_final index=<speed-up> reproduce_index=K [meta_epoch=E]`` then:
+``run=pruning_final target=<speed-up> slot=K [meta_epoch=E]`` (the published forms ``index=`` and
+``reproduce_index=`` are accepted for ``target=`` and ``slot=``) then:
 
 1. applies the metanetwork of epoch ``meta_epoch`` (``metanetwork=none``: the identical pipeline without
    it, the baseline), and fine-tunes with the "after metanetwork" schedule (selection on validation);
    with ``method=sparse_learning`` that fine-tuning is Torch-Pruning's sparse learning (``regularize``);
 2. prunes progressively with the method's criterion until the speed-up (against the *unpruned*
    network) reaches the target: never below it, at most one step above (unstructured methods,
-   ``structure: unstructured``: ``index`` is the sparsity, the fraction of zeroed conv/linear weights,
+   ``structure: unstructured``: ``target`` is the sparsity, the fraction of zeroed conv/linear weights,
    and fine-tuning keeps the zeros; see :mod:`utils.pruning.schemes`);
 3. fine-tunes again ("after pruning" schedule), evaluates once on test, saves the pruned network as
    widths + state dict and writes ``metrics.json`` (accuracy of the base and pruned networks on val and
-   test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings).
+   test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings);
+   with ``export_onnx=true`` also ``model.onnx``, checked with onnxruntime (:mod:`utils.export`).
 
 Every stage leaves a checkpoint in the run's folder, so an interrupted run continues where it stopped.
 
@@ -39,13 +41,14 @@ from generate_dataset.generate import make_data_model
 from nn.models import create_model
 from utils.checkpoint import CheckpointError, load_model, save_model
 from utils.convert import graph_to_model
+from utils.export import export_checked, real_batch, require_export_extra
 from utils.io import atomic_write_json, read_json
 from utils.latency import measure_latency
 from utils.meta_train import apply_metanetwork, load_metanetwork
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
 from utils.registry import Registry
-from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
+from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
 from utils.stages import data_for, evaluate_splits, example_input, train_stage
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,8 @@ log = logging.getLogger(__name__)
 FINAL_PIPELINES: Registry[Callable[[DictConfig, RunContext, float], Dict[str, Any]]] = Registry("final pruning pipeline")
 
 
-def _required_int(cfg: DictConfig, key: str, example: str) -> int:
-    value = cfg.get(key)
+def _required_int(cfg: DictConfig, key: str, example: str, alias: str | None = None) -> int:
+    value = run_argument(cfg, key, alias) if alias else cfg.get(key)
     if value is None:
         raise ConfigError(f"run={cfg.run} needs {key}=..., e.g. `python -m main run={cfg.run} {example}`")
     return int(value)
@@ -68,7 +71,7 @@ def target_path(cfg: DictConfig, slot: int) -> Path:
 @RUN_MODES.register("pretrain_final")
 def pretrain_final(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
-    slot = _required_int(cfg, "index", "index=100")
+    slot = _required_int(cfg, "slot", "slot=100", alias="index")
     path = target_path(cfg, slot)
     if path.exists():
         log.info("target %d already trained: %s", slot, path)
@@ -94,18 +97,19 @@ def _stage(path: Path, device: torch.device):
 @RUN_MODES.register("pruning_final")
 def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
-    if cfg.get("index") is None:
-        raise ConfigError("run=pruning_final needs the target speed-up as index=..., e.g. index=2.3 reproduce_index=100")
+    if run_argument(cfg, "target") is None:
+        raise ConfigError("run=pruning_final needs the target speed-up as target=..., e.g. target=2.3 slot=100")
     pipeline = str(cfg.method.get("pipeline", "progressive"))
     if pipeline != "progressive":
-        return FINAL_PIPELINES.get(pipeline)(cfg, ctx, float(cfg.index))
-    target, slot, seed = float(cfg.index), _required_int(cfg, "reproduce_index", "index=2.3 reproduce_index=100"), int(cfg.seed)
+        return FINAL_PIPELINES.get(pipeline)(cfg, ctx, float(run_argument(cfg, "target")))
+    target = float(run_argument(cfg, "target"))
+    slot, seed = _required_int(cfg, "slot", "target=2.3 slot=100", alias="reproduce_index"), int(cfg.seed)
     source = target_path(cfg, slot)
     if not source.exists():
         raise CheckpointError(f"target network {source} does not exist: run `python -m main run=pretrain_final "
-                              f"index={slot}` first (same task, method and seed)")
+                              f"slot={slot}` first (same task, method and seed)")
     use_meta = cfg.metanetwork.name != "none"
-    epoch = _required_int(cfg, "meta_epoch", f"index={target:g} reproduce_index={slot} meta_epoch=40") if use_meta else 0
+    epoch = _required_int(cfg, "meta_epoch", f"target={target:g} slot={slot} meta_epoch=40") if use_meta else 0
     out = ctx.run_dir / f"target{slot}_{cfg.metanetwork.name}{epoch if use_meta else ''}_x{target:g}"
     t0, timings = time.time(), {}
     base_model, payload = load_model(source)
@@ -116,6 +120,8 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     scheme = scheme_for(cfg.method)
     base_macs = int(info["base_macs"])
     scheme.check_target(base_model, target, example, base_macs)  # before any fine-tuning
+    if cfg.get("export_onnx"):
+        require_export_extra()  # before any work, not after the fine-tuning
     base = {f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}
 
     # 1. metanetwork (or not) and the after-metanetwork fine-tuning
@@ -159,6 +165,10 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     save_model(out / "model.pt", pruned, metrics={k: v for k, v in metrics.items() if k != "config"})
+    if cfg.get("export_onnx"):
+        metrics["onnx"] = export_checked(pruned, real_batch(loaders["val"], int(cfg.task.eval_batch_size)),
+                                         out / "model.onnx")
+        pruned.to(ctx.device)
     atomic_write_json(metrics, out / "metrics.json")
     log.info("%s%s: %s %.3f, test acc %.2f (target network %.2f), latency %.2f -> %.2f ms", cfg.method.name,
              f" + metanetwork epoch {epoch}" if use_meta else "", scheme.axis, metrics[scheme.axis], final["test_acc"],

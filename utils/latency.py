@@ -3,9 +3,25 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
+
+
+def time_calls(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
+               sync: Callable[[], None] = lambda: None) -> Dict[str, float]:
+    """Median and interquartile range (ms) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - t))
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"latency_ms": statistics.median(times), "latency_iqr_ms": q[2] - q[0]}
 
 
 @torch.no_grad()
@@ -14,16 +30,6 @@ def measure_latency(model: torch.nn.Module, example: torch.Tensor, warmup: int =
     was_training = model.training
     model.eval()
     sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(example)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(example)
-        sync()
-        times.append(1000 * (time.perf_counter() - t))
+    result = time_calls(lambda: model(example), warmup, repeats, sync)
     model.train(was_training)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"latency_ms": statistics.median(times), "latency_iqr_ms": q[2] - q[0], "batch": example.shape[0],
-            "device": str(example.device)}
+    return {**result, "batch": example.shape[0], "device": str(example.device)}

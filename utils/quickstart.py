@@ -5,10 +5,10 @@ directory, so every stage is resumable and can be re-run or inspected on its own
 
 1. ``generate``: the task's data models (``task.data_models.num``, one shard);
 2. ``meta_train``: the metanetwork, one checkpoint per epoch;
-3. ``visualize index=<task.quickstart.epochs>``: accuracy-vs-speed-up curves on a *validation* data model;
+3. ``visualize epochs=<task.quickstart.epochs>``: accuracy-vs-speed-up curves on a *validation* data model;
    the metanetwork epoch whose curve has the highest knee (ties: the highest mean validation accuracy over
    the speed-up range) is selected (epoch 0, no metanetwork, is drawn for reference but never selected);
-4. ``pretrain_final index=<task.quickstart.target_index>``: a fresh target network, trained like a data model;
+4. ``pretrain_final slot=<task.quickstart.target_index>``: a fresh target network, trained like a data model;
 5. ``pruning_final`` at every ``task.pruning.target_speed_ups``, with the selected metanetwork and with
    ``metanetwork=none`` (the identical pipeline and budget without it).
 
@@ -141,23 +141,23 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
         timings[name] = round(time.time() - t, 1)
         return out
 
-    timed("generate", stage_config(cfg, "generate", index=0, num=int(cfg.task.data_models.num)))
+    timed("generate", stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num)))
     timed("meta_train", stage_config(cfg, "meta_train"))
     epochs = sorted({0, *map(int, qs.epochs)})
-    vis = timed("visualize", stage_config(cfg, "visualize", index=epochs))
+    vis = timed("visualize", stage_config(cfg, "visualize", epochs=epochs))
     epoch, scores = select_epoch(vis["curves"], vis.get("reference_val_acc"))
     knee_of = vis["knees"]
     log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f, knee %.2fx; no "
              "metanetwork %.2f, knee %.2fx)", epoch, scores[epoch], knee_of[epoch], scores.get(0, float("nan")),
              knee_of.get(0, float("nan")))
     slot = int(qs.target_index)
-    timed("pretrain_final", stage_config(cfg, "pretrain_final", index=slot))
+    timed("pretrain_final", stage_config(cfg, "pretrain_final", slot=slot))
     rows = []
     for target in map(float, cfg.task.pruning.target_speed_ups):
         for variant, values in ((f"metanetwork (epoch {epoch})", {"meta_epoch": epoch}),
                                 ("no metanetwork", {"metanetwork": "none"})):
             metrics = timed(f"pruning_final_{variant.split()[0]}_x{target:g}",
-                            stage_config(cfg, "pruning_final", index=target, reproduce_index=slot, **values))
+                            stage_config(cfg, "pruning_final", target=target, slot=slot, **values))
             rows.append(_row(variant, metrics))
     table = markdown_table(rows)
     timings["total_s"] = round(time.time() - t0, 1)

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from configs import load_group_option  # importing configs registers its resolvers before Hydra composes
 from data_loaders import DatasetCorruptError
 from utils.checkpoint import CheckpointError
 from utils.config_schema import ConfigError, check_config
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
 _MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse",
-                 "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark"]
+                 "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark", "utils.export"]
 
 
 # Errors caused by the user's input (names, paths, files, settings): entry points print their message
@@ -44,7 +46,8 @@ class RunContext:
     limits: Limits
 
 
-_TOP_LEVEL_TYPES = {"seed": int, "resume": bool, "progress": bool, "num_workers": int, "threads": (int, type(None))}
+_TOP_LEVEL_TYPES = {"seed": int, "resume": bool, "progress": bool, "num_workers": int, "threads": (int, type(None)),
+                    "export_onnx": bool}
 
 
 def check_top_level(cfg: DictConfig) -> None:
@@ -59,6 +62,48 @@ def check_top_level(cfg: DictConfig) -> None:
                               {"seed": "7", "resume": "false", "progress": "false"}.get(key, "2"))
 
 
+def run_argument(cfg: DictConfig, name: str, alias: str = "index") -> Any:
+    """The run mode's argument ``name`` (``shard``, ``slot``, ``target``, ``epochs``), or its ``alias``.
+
+    ``index=`` is the published code's one key for all four; it stays accepted. Both given with different
+    values is an error, not a silent choice."""
+    named, other = cfg.get(name), cfg.get(alias)
+    plain = [OmegaConf.to_container(v) if isinstance(v, ListConfig) else v for v in (named, other)]
+    if named is not None and other is not None and plain[0] != plain[1]:
+        raise ConfigError(f"{name}={plain[0]} and {alias}={plain[1]} disagree: {alias}= is another name for {name}= "
+                          f"in run={cfg.run}; give one of them, e.g. {name}={plain[0]}")
+    return plain[0] if named is not None else plain[1]
+
+
+def alias_note(group: str, choice: str | None, cfg: DictConfig) -> str | None:
+    """What a published option name (``method=group_l2_norm_max_normalizer``) maps to, or None.
+
+    An alias is a config file of the group whose defaults list is one of our options. ``choice`` is the option
+    the command line chose; the note is only given when ``cfg`` holds what that alias composes to (a stage
+    that swapped the method, as the benchmark does, is not mistaken for an alias)."""
+    node = cfg.get(group)
+    name = node.get("name") if node is not None else None
+    if choice is None or name is None or choice == name:
+        return None
+    try:
+        resolved = load_group_option(group, choice).get("name")
+    except FileNotFoundError:
+        return None
+    if resolved != name:
+        return None
+    return f"{group}={choice} is the published code's name for {group}={name}: running {group}={name}"
+
+
+def _log_aliases(cfg: DictConfig) -> None:
+    if not HydraConfig.initialized():  # composed outside a Hydra app (tests, stage_config): no choices to report
+        return
+    choices = HydraConfig.get().runtime.choices
+    for group in ("method",):
+        note = alias_note(group, choices.get(group), cfg)
+        if note:
+            log.info(note)
+
+
 def prepare_run(cfg: DictConfig) -> RunContext:
     """Check the top-level settings, seed, pick the device once, create the run directory."""
     check_top_level(cfg)
@@ -71,6 +116,7 @@ def prepare_run(cfg: DictConfig) -> RunContext:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run=%s task=%s model=%s device=%s run_dir=%s", cfg.run, cfg.task.name, cfg.model.name, device, run_dir)
+    _log_aliases(cfg)
     return RunContext(device=device, run_dir=run_dir, limits=Limits.from_cfg(cfg.get("debug")))
 
 

@@ -1,4 +1,4 @@
-"""``run=visualize index=[0,30,40]``: pick a metanetwork epoch by its accuracy-vs-speed-up curve.
+"""``run=visualize epochs=[0,30,40]`` (or the published ``index=[0,30,40]``): pick a metanetwork epoch by its accuracy-vs-speed-up curve.
 
 For each listed epoch (0 = no metanetwork: the original data model), a *validation* data model is passed
 through that epoch's metanetwork, fine-tuned with the "after metanetwork" schedule (selection on the
@@ -23,7 +23,7 @@ from utils.convert import graph_to_model
 from utils.io import atomic_write_json, read_json
 from utils.meta_train import apply_metanetwork, epoch_checkpoint, load_data_models, load_metanetwork
 from utils.pruning.schemes import SCHEMES, scheme_for
-from utils.run_modes import RUN_MODES, ConfigError, prepare_run
+from utils.run_modes import RUN_MODES, ConfigError, prepare_run, run_argument
 from utils.stages import data_for, example_input, train_stage
 from utils.train import evaluate
 
@@ -35,12 +35,12 @@ def _digest(path: Path) -> str:
 
 
 def _epochs(cfg: DictConfig) -> List[int]:
-    index = cfg.get("index")
+    index = run_argument(cfg, "epochs")
     if index is None:
         return [0]
     epochs = [int(index)] if isinstance(index, (int, float, str)) else [int(e) for e in index]
     if any(e < 0 for e in epochs):
-        raise ConfigError(f"index={list(epochs)}: epochs are >= 0 (0 = no metanetwork), e.g. index=[0,30,40]")
+        raise ConfigError(f"epochs={list(epochs)}: epochs are >= 0 (0 = no metanetwork), e.g. epochs=[0,30,40]")
     return epochs
 
 

@@ -46,7 +46,7 @@ def test_pruning_final_reaches_the_target_and_saves_a_reloadable_network(root, o
 def test_pruning_final_errors_are_early_and_clear(root):
     with pytest.raises(PruningError, match="unreachable"):
         dispatch(_cfg(root, "run=pruning_final", "index=5000", "reproduce_index=100", "metanetwork=none"))
-    with pytest.raises(CheckpointError, match="target_7/model.pt does not exist.*run=pretrain_final index=7"):
+    with pytest.raises(CheckpointError, match="target_7/model.pt does not exist.*run=pretrain_final slot=7"):
         dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=7", "metanetwork=none"))
     with pytest.raises(ConfigError, match="needs meta_epoch"):
         dispatch(_cfg(root, "run=pruning_final", "index=1.6", "reproduce_index=100"))
@@ -70,3 +70,21 @@ def test_analyse_compares_before_and_after_the_metanetwork(root):
     assert result["before"]["groups"][0]["l2"] != result["after"]["groups"][0]["l2"]
     with pytest.raises(ConfigError, match="meta_epoch"):
         dispatch(_cfg(root, "run=analyse"))
+
+
+def test_export_writes_a_checked_onnx_file_next_to_the_model(root):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    # the named forms (target=, slot=) of the baseline test's index=1.6 reproduce_index=100
+    cfg = _cfg(root, "run=pruning_final", "target=1.6", "slot=100", "metanetwork=none", "export_onnx=true")
+    metrics = dispatch(cfg)
+    out = next(Path(cfg.run_dir).glob("target100_none_x1.6"))
+    assert (out / "model.onnx").is_file() and metrics["onnx"]["max_abs_diff"] <= 1e-4
+    assert read_json(out / "metrics.json")["onnx"]["path"] == str(out / "model.onnx")
+    (out / "model.onnx").unlink()
+    result = dispatch(_cfg(root, "run=export", f"path={out / 'model.pt'}"))
+    assert (out / "model.onnx").is_file() and read_json(out / "export.json")["batch"] == result["batch"] > 1
+    assert result["max_abs_diff"] <= 1e-4 and result["onnxruntime_ms"] > 0
+    with pytest.raises(ConfigError, match="needs the model file as path="):
+        dispatch(_cfg(root, "run=export"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        dispatch(_cfg(root, "run=export", f"path={out / 'nothing.pt'}"))

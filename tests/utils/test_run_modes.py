@@ -1,0 +1,58 @@
+"""The run-mode argument by name (shard=, slot=, target=, epochs=) and by the published index=."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from utils.run_modes import ConfigError, run_argument
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _compose(name, overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name, run", [("shard", "generate"), ("slot", "pretrain_final"), ("target", "pruning_final"),
+                                       ("epochs", "visualize")])
+def test_named_key_and_index_alias_agree_or_fail(name, run):
+    value = "[0,4,8]" if name == "epochs" else "3"
+    want = [0, 4, 8] if name == "epochs" else 3
+    assert run_argument(_compose("main", [f"run={run}", f"{name}={value}"]), name) == want
+    assert run_argument(_compose("main", [f"run={run}", f"index={value}"]), name) == want
+    assert run_argument(_compose("main", [f"run={run}", f"{name}={value}", f"index={value}"]), name) == want
+    assert run_argument(_compose("main", [f"run={run}"]), name) is None
+    with pytest.raises(ConfigError, match=f"{name}=.* and index=.* disagree.*e.g. {name}="):
+        run_argument(_compose("main", [f"run={run}", f"{name}={value}", "index=5"]), name)
+
+
+def test_pruning_final_slot_accepts_reproduce_index():
+    cfg = _compose("main", ["run=pruning_final", "reproduce_index=100"])
+    assert run_argument(cfg, "slot", "reproduce_index") == 100
+    with pytest.raises(ConfigError, match="slot=7 and reproduce_index=100 disagree"):
+        run_argument(_compose("main", ["run=pruning_final", "reproduce_index=100", "slot=7"]), "slot", "reproduce_index")
+
+
+@pytest.mark.parametrize("overrides, shard", [([], 0), (["shard=2"], 2), (["index=3"], 3)])
+def test_generate_log_directory_follows_the_shard_in_either_form(overrides, shard):
+    cfg = _compose("generate_dataset", overrides)
+    assert cfg.run_name == f"shard{shard}_seed0"
+
+
+def test_published_name_key_sets_the_run_name():
+    assert _compose("main", ["name=Final"]).run_name == "Final"
+    assert _compose("main", []).run_name == "resnet20_group_l2_max_seed0"
+    assert _compose("main", ["run_name=mine"]).run_name == "mine"
+
+
+def test_the_readme_published_and_named_commands_mean_the_same():
+    published = _compose("main", ["task=resnet56_on_CIFAR10", "method=group_l2_norm_max_normalizer", "name=Final",
+                                  "run=pruning_final", "reproduce_index=0", "seed=7", "index=2.3", "meta_epoch=28"])
+    named = _compose("main", ["task=resnet56_on_CIFAR10", "method=group_l2_max", "run_name=Final", "run=pruning_final",
+                              "slot=0", "seed=7", "target=2.3", "meta_epoch=28"])
+    for cfg in (published, named):
+        assert run_argument(cfg, "target") == 2.3 and run_argument(cfg, "slot", "reproduce_index") == 0
+    assert published.method == named.method and published.run_dir == named.run_dir
