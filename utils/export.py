@@ -57,6 +57,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # its per-pass INFO lines would fill the run log
     tmp = make_tempfile(path)
     try:
         with warnings.catch_warnings(), torch.no_grad():
