@@ -88,3 +88,26 @@ def test_export_writes_a_checked_onnx_file_next_to_the_model(root):
         dispatch(_cfg(root, "run=export"))
     with pytest.raises(CheckpointError, match="does not exist"):
         dispatch(_cfg(root, "run=export", f"path={out / 'nothing.pt'}"))
+
+
+def test_a_regularised_fine_tune_does_not_resume_under_other_settings(tmp_path):
+    """train_stage fingerprints the method when an after-backward hook (sparse learning) runs: a checkpoint
+    made with another reg, or without the hook, is refused instead of silently continued."""
+    from utils.stages import data_for, new_model, train_stage
+    from utils.run_modes import RunContext
+    from utils.train import Limits
+
+    def run(*overrides, hook=lambda *a: None):
+        cfg = _cfg(tmp_path, "method=sparse_learning", *overrides)
+        ctx = RunContext(torch.device("cpu"), tmp_path / "run", Limits.from_cfg(cfg.get("debug")))
+        splits, loaders = data_for(cfg, ctx)
+        model = new_model(cfg, splits.num_classes, 0, ctx.device)
+        return train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", tmp_path / "stage", 0,
+                           after_backward=hook)
+
+    run("method.reg=0.05", "debug.max_epochs=1")
+    with pytest.raises(CheckpointError, match="after_backward"):
+        run("method.reg=0.02", "debug.max_epochs=1")
+    with pytest.raises(CheckpointError, match="after_backward"):
+        run("method.reg=0.05", "debug.max_epochs=1", hook=None)
+    assert run("method.reg=0.05", "debug.max_epochs=1").history  # the same settings resume
