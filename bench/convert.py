@@ -49,6 +49,11 @@ def _reset_peak() -> bool:
         return False
 
 
+def _peak_kib(exact: bool) -> int:
+    """The process's peak RSS: since the last reset where it could be reset, else since it started."""
+    return _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 class Phase:
     """Peak resident memory a block of code adds over what was resident when it started, in bytes."""
 
@@ -58,8 +63,7 @@ class Phase:
         return self
 
     def __exit__(self, *exc) -> None:
-        peak = _status_kib("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.added = max(0, peak * 1024 - self.start)
+        self.added = max(0, _peak_kib(self.exact) * 1024 - self.start)
 
 
 def build(name: str):
@@ -102,12 +106,14 @@ def measure(name: str, repeats: int) -> dict:
             del out
         return statistics.median(times) if times else float("nan")
 
+    def materialised():  # contiguous tensors, as loading the state dict into a network would need
+        return {k: v.contiguous() for k, v in graph_to_state_dict(graph).items()}
+
     with torch.no_grad():
         to_graph = timed(lambda: model_to_graph(model))
-        # Materialise the state dict (contiguous tensors), as loading it into a network would.
         with Phase() as back_mem:
-            back = timed(lambda: {k: v.contiguous() for k, v in graph_to_state_dict(graph).items()}) if repeats \
-                else len({k: v.contiguous() for k, v in graph_to_state_dict(graph).items()})
+            materialised()
+        back = timed(materialised)
         views = timed(lambda: graph_to_state_dict(graph))
     with Phase() as ids:
         t0 = time.perf_counter()
@@ -117,12 +123,11 @@ def measure(name: str, repeats: int) -> dict:
     return {"model": name, "nodes": graph.num_nodes, "edges": num_edges,
             "params": sum(p.numel() for p in model.parameters()), "model_mib": model_bytes / _MIB,
             "first_call_s": first, "model_to_graph_ms": 1000 * to_graph,
-            "graph_to_state_dict_ms": 1000 * back if repeats else float("nan"),
+            "graph_to_state_dict_ms": 1000 * back,
             "graph_to_state_dict_views_ms": 1000 * views, "edge_index_s": ids_s,
             "convert_peak_x": convert.added / model_bytes, "graph_x": graph_bytes / model_bytes,
             "to_state_peak_x": back_mem.added / model_bytes, "edge_index_x": ids.added / model_bytes,
-            "peak_exact": convert.exact, "process_peak_mib": _status_kib("VmHWM") / 1024 if convert.exact else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_exact": convert.exact, "process_peak_mib": _peak_kib(convert.exact) / 1024}
 
 
 def main() -> None:

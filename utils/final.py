@@ -97,12 +97,13 @@ def _stage(path: Path, device: torch.device):
 @RUN_MODES.register("pruning_final")
 def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
-    if run_argument(cfg, "target") is None:
+    target = run_argument(cfg, "target")
+    if target is None:
         raise ConfigError("run=pruning_final needs the target speed-up as target=..., e.g. target=2.3 slot=100")
+    target = float(target)
     pipeline = str(cfg.method.get("pipeline", "progressive"))
     if pipeline != "progressive":
-        return FINAL_PIPELINES.get(pipeline)(cfg, ctx, float(run_argument(cfg, "target")))
-    target = float(run_argument(cfg, "target"))
+        return FINAL_PIPELINES.get(pipeline)(cfg, ctx, target)
     slot, seed = _required_int(cfg, "slot", "target=2.3 slot=100", alias="reproduce_index"), int(cfg.seed)
     source = target_path(cfg, slot)
     if not source.exists():
@@ -168,7 +169,6 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.get("export_onnx"):
         metrics["onnx"] = export_checked(pruned, real_batch(loaders["val"], int(cfg.task.eval_batch_size)),
                                          out / "model.onnx")
-        pruned.to(ctx.device)
     atomic_write_json(metrics, out / "metrics.json")
     log.info("%s%s: %s %.3f, test acc %.2f (target network %.2f), latency %.2f -> %.2f ms", cfg.method.name,
              f" + metanetwork epoch {epoch}" if use_meta else "", scheme.axis, metrics[scheme.axis], final["test_acc"],

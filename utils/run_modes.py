@@ -97,11 +97,9 @@ def alias_note(group: str, choice: str | None, cfg: DictConfig) -> str | None:
 def _log_aliases(cfg: DictConfig) -> None:
     if not HydraConfig.initialized():  # composed outside a Hydra app (tests, stage_config): no choices to report
         return
-    choices = HydraConfig.get().runtime.choices
-    for group in ("method",):
-        note = alias_note(group, choices.get(group), cfg)
-        if note:
-            log.info(note)
+    note = alias_note("method", HydraConfig.get().runtime.choices.get("method"), cfg)
+    if note:
+        log.info(note)
 
 
 def prepare_run(cfg: DictConfig) -> RunContext:
