@@ -30,6 +30,8 @@ setup(
         "scatter": ["torch-scatter"],
         # ONNX export of pruned networks (run=export, pruning_final export_onnx=true), checked with onnxruntime.
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        # Import/export of the published code's data models (Hugging Face datasets folders).
+        "published": ["datasets>=2.14"],
         "dev": ["pytest>=7"],
     },
 )

@@ -97,21 +97,56 @@ class ShardWriter:
         self._atomic(add)
 
     def _atomic(self, change) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_tempfile(self.path)
-        try:
-            if self.path.exists():
-                shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a") as f:
-                f.attrs["format"] = STORE_FORMAT
-                f.attrs["header"] = json.dumps(self.header, sort_keys=True)
-                change(f)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _replace_file(self.path, self.header, change)
+
+
+def _replace_file(path: Path, header: Mapping[str, Any], change) -> None:
+    """Apply ``change`` to a copy of ``path`` (a new file if there is none) and rename it over ``path``.
+
+    An exception in ``change`` leaves ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tempfile(path)
+    try:
+        if path.exists():
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a") as f:
+            f.attrs["format"] = STORE_FORMAT
+            f.attrs["header"] = json.dumps(dict(header), sort_keys=True)
+            change(f)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_shard(path: str | os.PathLike, header: Mapping[str, Any], records: Iterable[DataModelRecord]) -> int:
+    """Write a new shard file from ``records``, streamed one at a time, and return how many were written.
+
+    The file appears only once every record is written: if producing a record fails, nothing is left."""
+    path = Path(path)
+    if path.exists():
+        raise DataModelStoreError(f"{path} exists already; a new shard is never written over an old one")
+    count = 0
+
+    def add(f: h5py.File) -> None:
+        nonlocal count
+        for record in records:
+            _write_record(f, record)
+            count += 1
+
+    _replace_file(path, header, add)
+    return count
+
+
+def read_descriptions(path: str | os.PathLike) -> Dict[int, Dict[str, Any]]:
+    """``{slot: {"arch": ..., "info": ...}}`` of one file, without reading any tensor."""
+    path = Path(path)
+    read_header(path)
+    with _open(path) as f:
+        return {int(name[4:]): {"arch": json.loads(f[name].attrs["arch"]), "info": json.loads(f[name].attrs["info"])}
+                for name in sorted(f) if name.startswith("slot")}
 
 
 def _write_record(f: h5py.File, record: DataModelRecord) -> None:

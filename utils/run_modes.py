@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from configs import load_group_option  # importing configs registers its resolvers before Hydra composes
 from data_loaders import DatasetCorruptError
+from data_loaders.data_models import DataModelStoreError
 from utils.checkpoint import CheckpointError
 from utils.config_schema import ConfigError, check_config
 from utils.pruning.progressive import PruningError
@@ -29,12 +30,14 @@ log = logging.getLogger(__name__)
 
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
 _MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse",
-                 "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark", "utils.export"]
+                 "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark", "utils.export",
+                 "generate_dataset.published"]
 
 
 # Errors caused by the user's input (names, paths, files, settings): entry points print their message
 # without a traceback and exit with status 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (UnknownNameError, FileNotFoundError, DatasetCorruptError, CheckpointError, ConfigError, PruningError)
+USER_ERRORS = (UnknownNameError, FileNotFoundError, DatasetCorruptError, DataModelStoreError, CheckpointError, ConfigError,
+               PruningError)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class RunContext:
 
 
 _TOP_LEVEL_TYPES = {"seed": int, "resume": bool, "progress": bool, "num_workers": int, "threads": (int, type(None)),
-                    "export_onnx": bool}
+                    "export_onnx": bool, "evaluate": bool}
 
 
 def check_top_level(cfg: DictConfig) -> None:

@@ -18,6 +18,7 @@ from nn.models.registry import (
     get_widths,
     list_models,
     register_model,
+    widths_from_state,
 )
 
 # Imported for their @register_model side effects.
@@ -33,4 +34,5 @@ __all__ = [
     "get_widths",
     "list_models",
     "register_model",
+    "widths_from_state",
 ]

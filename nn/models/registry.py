@@ -24,6 +24,7 @@ import copy
 import numbers
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
+import torch
 import torch.nn as tnn
 
 from utils.registry import Registry
@@ -171,6 +172,38 @@ def family_of(model: tnn.Module) -> ModelFamily:
 def get_widths(model: tnn.Module) -> Widths:
     """Current widths of a model built by :func:`create_model`, read off its module shapes."""
     return family_of(model).read_widths(model)
+
+
+def widths_from_state(name: str, state: Mapping[str, torch.Tensor], num_classes: int = 10,
+                      **kwargs: Any) -> Widths:
+    """Widths of the network whose state dict is ``state``, read off its tensor shapes.
+
+    A network of ``name`` is built on the meta device (no memory), every conv, linear and norm layer is
+    given the sizes of its weight in ``state``, and the family's :meth:`ModelFamily.read_widths` reads them
+    back, so no family needs a second reader. Raises ``KeyError`` with the first layer weight that ``state``
+    lacks and ``ValueError`` for a weight of the wrong rank; whether the rest of ``state`` fits is for
+    ``load_state_dict`` to check.
+    """
+    with torch.device("meta"):
+        template = create_model(name, num_classes=num_classes, **kwargs)
+    for prefix, module in template.named_modules():
+        key = f"{prefix}.weight"
+        if not isinstance(module, (tnn.Conv2d, tnn.Linear, tnn.BatchNorm2d, tnn.LayerNorm)):
+            continue
+        if key not in state:
+            raise KeyError(key)
+        shape = tuple(state[key].shape)
+        if isinstance(module, tnn.Conv2d) and len(shape) == 4:
+            module.out_channels, module.in_channels = shape[0], shape[1] * module.groups
+        elif isinstance(module, tnn.Linear) and len(shape) == 2:
+            module.out_features, module.in_features = shape
+        elif isinstance(module, tnn.BatchNorm2d) and len(shape) == 1:
+            module.num_features = shape[0]
+        elif isinstance(module, tnn.LayerNorm) and len(shape) == 1:
+            module.normalized_shape = shape
+        else:
+            raise ValueError(f"{key} has shape {list(shape)}, not that of a {type(module).__name__} weight")
+    return get_family(name).read_widths(template)
 
 
 def describe_model(model: tnn.Module) -> Dict[str, Any]:

@@ -1,14 +1,18 @@
 """VGG-19 with BatchNorm for CIFAR (Simonyan & Zisserman, 2015; BN variant), registered as vgg19_bn.
 
-16 conv3x3 (padding 1) + BN + ReLU layers in five blocks separated by 2x2 max-pooling, then a global
-average pool and a single ``Linear`` classifier. On 32x32 inputs the last feature map is already 1x1,
-so the average pool is an identity there; it lets any input of at least 32x32 work.
+16 conv3x3 (padding 1) + BN + ReLU layers in five blocks, each of the first ``max_pools`` blocks followed by a
+2x2 max-pool, then a global average pool and a single ``Linear`` classifier. With the default five pools the
+last feature map of a 32x32 input is already 1x1 (the average pool is an identity there). The published
+method's VGG-19 pools only after the first three blocks on 32x32 inputs (four on 64x64), so blocks 4 and
+5 run at 4x4: ``max_pools=3`` is that network (same function, same MACs), which the ``VGG19_on_CIFAR100``
+task uses so that its speed-ups and data models are comparable with the published ones.
 
 Widths::
 
     {"convs": [16 ints]}   # output channels of each conv, default 64,64,128,128,256x4,512x8
 
 Every conv feeds only the next one, so the widths are independent; the classifier reads ``convs[-1]``.
+Option (a model kwarg): ``max_pools`` (0-5, default 5).
 """
 from __future__ import annotations
 
@@ -32,15 +36,20 @@ class VGG(tnn.Module):
         config: layer plan, ints are conv positions and "M" max-pools (see ``VGG19_CONFIG``).
         convs: output channels of each conv, one per int in ``config``.
         num_classes: classifier outputs.
+        max_pools: how many of the plan's "M" positions, counted from the input, get a max-pool.
     """
 
-    def __init__(self, config: List[Union[int, str]], convs: List[int], num_classes: int) -> None:
+    def __init__(self, config: List[Union[int, str]], convs: List[int], num_classes: int,
+                 max_pools: int | None = None) -> None:
         super().__init__()
         layers: List[tnn.Module] = []
         in_ch, widths = 3, iter(convs)
+        pools_left = config.count("M") if max_pools is None else max_pools
         for item in config:
             if item == "M":
-                layers.append(tnn.MaxPool2d(kernel_size=2, stride=2))
+                # A skipped pool stays as an Identity: state-dict keys do not depend on max_pools.
+                layers.append(tnn.MaxPool2d(kernel_size=2, stride=2) if pools_left > 0 else tnn.Identity())
+                pools_left -= 1
                 continue
             out_ch = next(widths)
             layers += [tnn.Conv2d(in_ch, out_ch, 3, padding=1), tnn.BatchNorm2d(out_ch), tnn.ReLU(inplace=True)]
@@ -57,13 +66,15 @@ class VGG(tnn.Module):
                 tnn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (B, convs[-1], H/32, W/32)
+        x = self.features(x)  # (B, convs[-1], H/2^max_pools, W/2^max_pools)
         x = torch.flatten(self.avgpool(x), 1)  # (B, convs[-1])
         return self.classifier(x)  # (B, num_classes)
 
 
 class VGGFamily(ModelFamily):
     """Family spec of :class:`VGG` for one layer plan."""
+
+    allowed_kwargs = frozenset({"max_pools"})
 
     def __init__(self, config: List[Union[int, str]]) -> None:
         self.config = list(config)
@@ -72,7 +83,11 @@ class VGGFamily(ModelFamily):
         return {"convs": [c for c in self.config if c != "M"]}
 
     def build(self, num_classes: int, widths: Widths, **kwargs: Any) -> tnn.Module:
-        return VGG(self.config, widths["convs"], num_classes)
+        pools = self.config.count("M")
+        max_pools = kwargs.get("max_pools", pools)
+        if isinstance(max_pools, bool) or not isinstance(max_pools, int) or not 0 <= max_pools <= pools:
+            raise ValueError(f"max_pools must be an int from 0 to {pools}, got {max_pools!r}")
+        return VGG(self.config, widths["convs"], num_classes, max_pools)
 
     def read_widths(self, model: tnn.Module) -> Widths:
         return {"convs": [m.out_channels for m in model.features if isinstance(m, tnn.Conv2d)]}

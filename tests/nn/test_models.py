@@ -15,7 +15,8 @@ import torch
 import torch.nn as tnn
 import torch_pruning as tp
 
-from nn.models import create_model, describe_model, family_of, get_family, get_widths, list_models
+from nn.models import create_model, describe_model, family_of, get_family, get_widths, list_models, widths_from_state
+from utils.pruning.macs import MacCounter
 from utils.registry import UnknownNameError
 
 BIG = {"vit_b_16"}  # built once, in its own test
@@ -312,3 +313,28 @@ def test_bad_num_classes_and_kwargs() -> None:
 def test_describe_needs_a_zoo_model() -> None:
     with pytest.raises(ValueError, match="not built by nn.models.create_model"):
         describe_model(tnn.Linear(2, 3))
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_widths_from_state_reads_pruned_widths_off_a_bare_state_dict(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    prune(model, example_input(name), global_pruning=True)
+    assert widths_from_state(name, model.state_dict(), num_classes=7) == get_widths(model)
+    state = model.state_dict()
+    first_conv = next(k for k, v in state.items() if v.dim() == 4)
+    del state[first_conv]
+    with pytest.raises(KeyError, match=first_conv):
+        widths_from_state(name, state, num_classes=7)
+
+
+def test_vgg_max_pools_keeps_late_blocks_at_a_larger_map() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    five, three = create_model("vgg19_bn"), create_model("vgg19_bn", max_pools=3)
+    three.load_state_dict(five.state_dict())  # the same parameters: pooling holds none
+    assert sum(isinstance(m, tnn.MaxPool2d) for m in three.modules()) == 3
+    assert three(x).shape == five(x).shape == (2, 10)
+    # Blocks 4 and 5 run at 4x4 instead of 2x2 and 1x1: 513 M MACs against 399 M.
+    assert MacCounter(three, x[:1])() > 1.25 * MacCounter(five, x[:1])()
+    with pytest.raises(ValueError, match="max_pools must be an int from 0 to 5"):
+        create_model("vgg19_bn", max_pools=6)
