@@ -32,6 +32,6 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
         # Import/export of the published code's data models (Hugging Face datasets folders).
         "published": ["datasets>=2.14"],
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "import-linter>=2.1"],  # lint-imports checks the layering (pyproject.toml)
     },
 )

@@ -20,13 +20,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_loaders.data_models import DataModel
+from main.meta_train import MetaTrainer
+from main.run_modes import RunContext
 from nn.metanetwork import build_metanetwork
 from nn.models import create_model
 from utils.device import get_device
-from utils.meta_train import MetaTrainer
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import progressive_prune
-from utils.run_modes import RunContext
 from utils.train import Limits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Can the metanetwork shrink channels selectively? The sparsity penalty alone, on one data model.
 
-Runs ``utils.meta_train.penalty_descent`` until ||W||^2 has fallen ``--fall``-fold: once as plain gradient
+Runs ``main.meta_train.penalty_descent`` until ||W||^2 has fallen ``--fall``-fold: once as plain gradient
 descent on the weights (the reference), then once per metanetwork variant (AdamW on the metanetwork, one
 VJP per step, as in meta-training). Prints, per run, the steps taken and the selectivity figures of
 ``utils.pruning.selectivity`` of the result: the share of channels below 10% of their group's largest norm,
@@ -22,8 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from data_loaders.data_models import DataModelSet, store_files
+from main.meta_train import penalty_descent
 from nn.metanetwork import GraphMetanetwork
-from utils.meta_train import penalty_descent
 from utils.pruning.schemes import scheme_for
 from utils.pruning.selectivity import selectivity
 

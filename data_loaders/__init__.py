@@ -14,7 +14,7 @@ from data_loaders.base import (
     TensorImageDataset,
     TransformedSubset,
 )
-from data_loaders.build import build_datasets, build_loaders, list_datasets
+from data_loaders.build import build_datasets, build_loaders, list_datasets, sharded_loaders
 
 # importing the dataset modules registers them in DATASETS
 from data_loaders import cifar, digits, imagenet, svhn, synthetic  # noqa: E402,F401  isort: skip
@@ -30,4 +30,5 @@ __all__ = [
     "build_datasets",
     "build_loaders",
     "list_datasets",
+    "sharded_loaders",
 ]

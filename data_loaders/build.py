@@ -22,10 +22,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from data_loaders.base import DATASETS, DatasetSplits, TransformedSubset
 from data_loaders.splits import carve_validation
+from utils import distributed as du
 
 
 def list_datasets() -> List[str]:
@@ -83,4 +84,27 @@ def build_loaders(splits: DatasetSplits, batch_size: int, eval_batch_size: int |
         "test": DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common),
         "train_eval": DataLoader(TransformedSubset(splits.train.base, splits.train.indices, splits.val.transform),
                                  batch_size=eval_batch_size, shuffle=False, **common),
+    }
+
+
+def sharded_loaders(splits: DatasetSplits, batch_size: int, eval_batch_size: int, num_workers: int = 0, seed: int = 0,
+                    pin_memory: bool = False) -> dict[str, DataLoader]:
+    """DataLoaders ``{"train", "val", "test", "train_eval"}`` where each rank reads its own share.
+
+    ``batch_size`` is the *global* batch (what a schedule's learning rate was tuned for); each rank loads
+    ``batch_size / world_size``. ``train`` shuffles with a ``DistributedSampler`` seeded by ``seed`` (``fit``
+    calls ``set_epoch`` so the order changes every epoch and a resumed run sees the same order).
+    """
+    rank, world = du.get_rank(), du.get_world_size()
+    if batch_size % world:
+        raise ValueError(f"the global batch size {batch_size} is not divisible by the {world} ranks; "
+                         f"set task.batch_size to a multiple of {world}")
+    common = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
+    per_rank_eval = max(1, eval_batch_size // world)
+    train_eval = TransformedSubset(splits.train.base, splits.train.indices, splits.val.transform)
+    return {
+        "train": DataLoader(splits.train, batch_size=batch_size // world, drop_last=False,
+                            sampler=DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed), **common),
+        **{name: DataLoader(ds, batch_size=per_rank_eval, sampler=du.ShardSampler(ds, rank, world), **common)
+           for name, ds in (("val", splits.val), ("test", splits.test), ("train_eval", train_eval))},
     }

@@ -26,6 +26,8 @@ import h5py
 import numpy as np
 import torch
 
+from nn.models import create_model
+from utils.convert import model_to_graph
 from utils.io import make_tempfile
 
 STORE_FORMAT = "gmp-data-models-v1"
@@ -220,8 +222,6 @@ class DataModel:
     @property
     def graph(self):
         if self._graph is None:
-            from utils.convert import model_to_graph
-
             self._graph = model_to_graph(self.model)
         return self._graph
 
@@ -254,8 +254,6 @@ class DataModelSet:
 
     def __getitem__(self, i: int) -> DataModel:
         if i not in self._cache:
-            from nn.models import create_model
-
             r = self.records[i]
             arch = r.arch
             model = create_model(arch["name"], num_classes=arch["num_classes"], widths=arch["widths"], **arch["kwargs"])

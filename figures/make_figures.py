@@ -27,7 +27,7 @@ def pretrain_figure(run: Path) -> Path:
 
 
 def visualize_figure(run: Path) -> Path:
-    from utils.visualize import plot_curves
+    from main.visualize import plot_curves
 
     files = sorted(run.glob("curve_epoch_*.json"))
     if not files:

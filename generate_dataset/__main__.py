@@ -1,8 +1,8 @@
-"""``python -m generate_dataset``: the Hydra entry of run=generate (see generate_dataset/generate.py)."""
+"""``python -m generate_dataset``: the Hydra entry of run=generate (see main/generate.py)."""
 import hydra
 from omegaconf import DictConfig
 
-from utils.run_modes import run_entry
+from main.run_modes import run_entry
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate_dataset")

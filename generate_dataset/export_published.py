@@ -20,8 +20,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 from data_loaders.data_models import DataModelStoreError, read_descriptions, read_records, store_files
 from data_loaders.published_layout import PublishedLayout, layout_for, to_published_row
-from generate_dataset.published import require_published_extra
-from utils.run_modes import ConfigError
+from main.import_published import require_published_extra
+from main.run_modes import ConfigError
 
 
 def _layout_of(arch: Dict[str, Any], info: Dict[str, Any], slot: int) -> PublishedLayout:

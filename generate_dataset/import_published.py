@@ -1,6 +1,6 @@
 """``python -m generate_dataset.import_published <folder> data_generator=<task> method=<method>``.
 
-The Hydra entry of ``run=import_published`` (generate_dataset/published.py): the folder written by the
+The Hydra entry of ``run=import_published`` (main/import_published.py): the folder written by the
 published code becomes ``path=``, every other argument is a Hydra override of the generate_dataset config.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import List
 import hydra
 from omegaconf import DictConfig
 
-from generate_dataset.published import USAGE
-from utils.run_modes import run_entry
+from main.import_published import USAGE
+from main.run_modes import run_entry
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate_dataset")

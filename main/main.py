@@ -5,7 +5,7 @@ Kept thin on purpose: the run modes live in ``utils`` (and ``generate_dataset``)
 import hydra
 from omegaconf import DictConfig
 
-from utils.run_modes import run_entry
+from main.run_modes import run_entry
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="main")

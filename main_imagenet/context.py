@@ -1,6 +1,6 @@
 """What every ImageNet stage shares: joining the job, one run directory, sharded data, network files.
 
-``prepare(cfg)`` is the distributed counterpart of ``utils.run_modes.prepare_run``: it checks the
+``prepare(cfg)`` is the distributed counterpart of ``main.run_modes.prepare_run``: it checks the
 top-level settings, joins the process group (``utils.distributed.init_distributed``), seeds, and settles the
 run directory: rank 0's path is broadcast and only rank 0 creates it, so a job has one run directory
 however many ranks it has (even if the path holds a timestamp that ranks would resolve differently).
@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from data_loaders import DatasetSplits, build_datasets
-from generate_dataset.generate import slot_seed
+from data_loaders import DatasetSplits, build_datasets, sharded_loaders
+from main.generate import slot_seed
+from main.run_modes import ConfigError, RunContext, check_top_level
 from utils import distributed as du
 from utils.checkpoint import load_model
 from utils.device import seed_everything, set_threads
 from utils.pruning.methods import PruningMethod
 from utils.pruning.progressive import loss_gradients
-from utils.run_modes import ConfigError, RunContext, check_top_level
 from utils.train import Limits
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def data(cfg: DictConfig, ctx: RunContext, seed: int | None = None) -> tuple[Dat
     """The data set (ImageNet folders from ``dataset.root``) and loaders that give each rank its share."""
     splits = build_datasets(cfg.dataset)
     try:
-        loaders = du.sharded_loaders(
+        loaders = sharded_loaders(
             splits, batch_size=int(cfg.task.batch_size), eval_batch_size=int(cfg.task.eval_batch_size),
             num_workers=int(cfg.num_workers), seed=int(cfg.seed if seed is None else seed),
             pin_memory=ctx.device.type == "cuda")

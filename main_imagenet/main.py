@@ -10,7 +10,6 @@ take the run directory rank 0 resolved (``context.prepare``).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -18,23 +17,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from main.run_modes import USER_ERRORS
+from main_imagenet import meta  # noqa: F401  (registers the metanetwork stages)
+from main_imagenet.stages import STAGES
 from utils import distributed as du
 from utils.config_schema import check_config
-from utils.run_modes import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
 # Hydra settings for ranks other than 0: write nothing, log to the console only.
 _FOLLOWER_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
-_STAGE_MODULES = ["main_imagenet.stages", "main_imagenet.meta"]
 
 
 def run_stage(cfg: DictConfig) -> None:
     """Run stage ``cfg.run``; user errors print one message and exit with status 2 (on every rank)."""
-    for module in _STAGE_MODULES:
-        importlib.import_module(module)
-    from main_imagenet.stages import STAGES
-
     if cfg.run == "help":
         print("stages: " + ", ".join(STAGES.names()))
         return

@@ -6,7 +6,7 @@ metanetwork is wrapped in DistributedDataParallel (rank 0's initial weights are 
 gradients are averaged over the ranks before every AdamW step, so every rank holds the same metanetwork.
 The step's VJP runs under ``no_sync()`` and the average is taken explicitly once all ranks agree the
 step is finite: DDP's in-backward all-reduce would deadlock when one rank skips a non-finite step.
-The per-step work is ``utils.meta_train.MetaTrainer``'s, unchanged; checkpoints have its format, so
+The per-step work is ``main.meta_train.MetaTrainer``'s, unchanged; checkpoints have its format, so
 ``visualize`` and ``prune_after_metanetwork`` (and the single-process modes) read them.
 
 ``run=visualize epochs=[0,10,20]``: accuracy-vs-speed-up curves of a validation data model per epoch.
@@ -27,6 +27,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data_loaders.data_models import DataModel
+from main.meta_train import (
+    MetaState,
+    MetaTrainer,
+    apply_metanetwork,
+    epoch_checkpoint,
+    load_data_models,
+    load_metanetwork,
+    meta_settings,
+    meta_step,
+    plot_meta,
+    validate,
+)
+from main.run_modes import ConfigError, run_argument
+from main.stages import evaluate_splits, example_input, train_stage
+from main.visualize import plot_curves
 from main_imagenet.context import (
     DistContext,
     data,
@@ -44,25 +59,10 @@ from utils.checkpoint import save_model
 from utils.convert import graph_to_model
 from utils.io import atomic_save, atomic_write_json, read_json, write_csv
 from utils.latency import measure_latency
-from utils.meta_train import (
-    MetaState,
-    MetaTrainer,
-    apply_metanetwork,
-    epoch_checkpoint,
-    load_data_models,
-    load_metanetwork,
-    meta_settings,
-    meta_step,
-    plot_meta,
-    validate,
-)
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import progressive_prune
-from utils.run_modes import ConfigError, run_argument
-from utils.stages import evaluate_splits, example_input, train_stage
 from utils.train import evaluate
-from utils.visualize import plot_curves
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import torch
 from omegaconf import DictConfig
 
 from data_loaders.data_models import DataModelRecord, ShardWriter
-from generate_dataset.generate import store_header
+from main.generate import store_header
+from main.stages import evaluate_splits, example_input, new_model, train_stage
 from main_imagenet.context import (
     DistContext,
     data,
@@ -45,7 +46,6 @@ from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import progressive_prune
 from utils.registry import Registry
-from utils.stages import evaluate_splits, example_input, new_model, train_stage
 
 log = logging.getLogger(__name__)
 

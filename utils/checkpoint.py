@@ -12,6 +12,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from utils.architecture import zoo
 from utils.io import atomic_save
 
 MODEL_FORMAT = "gmp-model-v1"
@@ -41,16 +42,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Dict[
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, **extra: Any) -> None:
     """Save ``model`` as (architecture description, state dict) plus JSON-like ``extra`` entries."""
-    from nn.models import describe_model  # local: keeps utils importable without the zoo
-
-    payload = {"format": MODEL_FORMAT, "arch": describe_model(model), "state_dict": model.state_dict(), **extra}
+    payload = {"format": MODEL_FORMAT, "arch": zoo().describe(model), "state_dict": model.state_dict(), **extra}
     atomic_save(payload, path)
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """Rebuild a zoo model saved by :func:`save_model`; returns ``(model, payload)``."""
-    from nn.models import create_model
-
     payload = load_checkpoint(path, map_location=map_location)
     if payload.get("format") != MODEL_FORMAT or "arch" not in payload or "state_dict" not in payload:
         raise CheckpointError(
@@ -58,7 +55,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> Tuple[torc
             f"'state_dict'; found keys {sorted(payload)[:8]})"
         )
     arch = payload["arch"]
-    model = create_model(arch["name"], num_classes=arch["num_classes"], widths=arch["widths"], **arch.get("kwargs", {}))
+    model = zoo().build(arch)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:

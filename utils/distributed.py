@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from utils.device import get_device
 
@@ -213,31 +213,6 @@ def is_sharded(loader: Any) -> bool:
     """Whether ``loader`` reads only this rank's share of its data set (then its metrics need reducing)."""
     sampler = getattr(loader, "sampler", None)
     return is_distributed() and isinstance(sampler, (DistributedSampler, ShardSampler))
-
-
-def sharded_loaders(splits: Any, batch_size: int, eval_batch_size: int, num_workers: int = 0, seed: int = 0,
-                    pin_memory: bool = False) -> dict[str, DataLoader]:
-    """DataLoaders ``{"train", "val", "test", "train_eval"}`` where each rank reads its own share.
-
-    ``batch_size`` is the *global* batch (what a schedule's learning rate was tuned for); each rank loads
-    ``batch_size / world_size``. ``train`` shuffles with a ``DistributedSampler`` seeded by ``seed`` (``fit``
-    calls ``set_epoch`` so the order changes every epoch and a resumed run sees the same order).
-    """
-    from data_loaders import TransformedSubset
-
-    rank, world = get_rank(), get_world_size()
-    if batch_size % world:
-        raise ValueError(f"the global batch size {batch_size} is not divisible by the {world} ranks; "
-                         f"set task.batch_size to a multiple of {world}")
-    common = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
-    per_rank_eval = max(1, eval_batch_size // world)
-    train_eval = TransformedSubset(splits.train.base, splits.train.indices, splits.val.transform)
-    return {
-        "train": DataLoader(splits.train, batch_size=batch_size // world, drop_last=False,
-                            sampler=DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed), **common),
-        **{name: DataLoader(ds, batch_size=per_rank_eval, sampler=ShardSampler(ds, rank, world), **common)
-           for name, ds in (("val", splits.val), ("test", splits.test), ("train_eval", train_eval))},
-    }
 
 
 def run_guarded(fn: Callable[[], T]) -> T:

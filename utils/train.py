@@ -7,7 +7,7 @@ validation split (``select: best``) or the last epoch (``select: last``). The te
 looked at here: callers evaluate it once, at the very end.
 
 Under ``torchrun`` (a process group with several ranks, see ``utils/distributed.py``) the same call trains
-with DistributedDataParallel: loaders built by ``sharded_loaders`` give each rank its share of the data,
+with DistributedDataParallel: loaders built by ``data_loaders.sharded_loaders`` give each rank its share of the data,
 ``fit`` calls the sampler's ``set_epoch``, losses and accuracies are summed over the ranks, every rank reads
 the same checkpoint on resume, and only rank 0 writes files. In a single process nothing changes.
 """

@@ -27,10 +27,8 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence
 import torch
 import torch.nn as tnn
 
+from utils.architecture import ARCH_ATTR, register_zoo
 from utils.registry import Registry
-
-#: Attribute set by :func:`create_model` on every model: ``{"name", "num_classes", "kwargs"}``.
-ARCH_ATTR = "zoo_arch"
 
 Widths = Dict[str, Any]
 
@@ -220,3 +218,29 @@ def describe_model(model: tnn.Module) -> Dict[str, Any]:
         "kwargs": copy.deepcopy(arch["kwargs"]),
         "widths": family.read_widths(model),
     }
+
+
+class _ZooHooks:
+    """This zoo as ``utils`` sees it (:class:`utils.architecture.Zoo`): registered below, on import."""
+
+    describe = staticmethod(describe_model)
+
+    @staticmethod
+    def build(arch: Mapping[str, Any]) -> tnn.Module:
+        return create_model(arch["name"], num_classes=arch["num_classes"], widths=arch["widths"],
+                            **arch.get("kwargs", {}))
+
+    @staticmethod
+    def pruning_kwargs(model: tnn.Module) -> Dict[str, Any]:
+        return family_of(model).pruning_kwargs(model)
+
+    @staticmethod
+    def after_pruning(model: tnn.Module) -> None:
+        family_of(model).after_pruning(model)
+
+    @staticmethod
+    def classifier(model: tnn.Module) -> tnn.Module:
+        return family_of(model).classifier(model)
+
+
+register_zoo(_ZooHooks())

@@ -60,7 +60,7 @@ PUBLISHED_METHODS = {"group_l2_norm_max_normalizer": "group_l2_max", "group_l2_n
 @pytest.mark.parametrize("published, ours", sorted(PUBLISHED_METHODS.items()))
 def test_published_method_names_are_aliases_with_a_log_line(published, ours):
     from configs import load_group_option
-    from utils.run_modes import alias_note
+    from main.run_modes import alias_note
 
     cfg = _compose([f"method={published}"])
     assert cfg.method == _compose([f"method={ours}"]).method  # same settings, so the same data models and stages

@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from data_loaders.data_models import DataModelSet, read_records, write_shard
 from data_loaders.published_layout import METRIC_COLUMNS, PublishedRowError
 from generate_dataset.export_published import main as export_main
+from main.run_modes import ConfigError, dispatch
 from nn.models import create_model, get_widths
 from utils.pruning.macs import MacCounter
-from utils.run_modes import ConfigError, dispatch
 
 datasets = pytest.importorskip("datasets")
 

@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data_loaders import build_datasets, build_loaders
+from main.run_modes import dispatch, list_run_modes
 from utils.checkpoint import load_model
-from utils.run_modes import dispatch, list_run_modes
 from utils.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_cli_rejects_unknown_run_mode_and_missing_dataset(tmp_path):
                                               ("resume=maybe", "resume='maybe' is not valid"),
                                               ("device=tpu", "device='tpu'")])
 def test_mistyped_top_level_values_are_config_errors(override, message, tmp_path):
-    from utils.run_modes import ConfigError
+    from main.run_modes import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         dispatch(_cfg(override, f"paths.output_dir={tmp_path}"))

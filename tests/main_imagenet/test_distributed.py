@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_loaders import build_datasets, sharded_loaders
 from utils import distributed as du
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,9 +71,7 @@ def test_state_checksum_sees_any_change():
 
 @pytest.mark.parametrize("batch", [7, 9])
 def test_sharded_loaders_need_a_divisible_global_batch(batch):
-    from data_loaders import build_datasets
-
     splits = build_datasets({"name": "synthetic", "num_train": 20, "num_test": 8, "image_size": 8, "val_size": 0.25})
-    loaders = du.sharded_loaders(splits, batch_size=batch, eval_batch_size=4)
+    loaders = sharded_loaders(splits, batch_size=batch, eval_batch_size=4)
     assert loaders["train"].batch_size == batch  # one rank: the global batch
     assert sum(len(y) for _, y in loaders["val"]) == 5 and sum(len(y) for _, y in loaders["train_eval"]) == 15

@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from main.meta_train import penalty_descent
 from nn.metanetwork import GraphMetanetwork
 from nn.models import create_model
 from utils.convert import model_to_graph
-from utils.meta_train import penalty_descent
 from utils.pruning.schemes import scheme_for
 from utils.pruning.selectivity import selectivity, weight_norm_sq
 

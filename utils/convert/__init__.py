@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from utils.architecture import is_zoo_model, zoo
 from utils.convert.adapters import UnsupportedLayerError, passthrough, register_module_adapter
 from utils.convert.builder import tensor_of, write_rows
 from utils.convert.graph import (
@@ -45,11 +46,7 @@ _CACHE_SIZE = 32
 
 
 def _arch_of(model: torch.nn.Module) -> Optional[dict]:
-    if not hasattr(model, "zoo_arch"):
-        return None
-    from nn.models import describe_model  # zoo models rebuild from their description
-
-    return describe_model(model)
+    return zoo().describe(model) if is_zoo_model(model) else None  # zoo models rebuild from their description
 
 
 def _example(model: torch.nn.Module, example_input: Optional[torch.Tensor]) -> torch.Tensor:
@@ -152,10 +149,7 @@ def graph_to_model(graph: NetworkGraph, template: Optional[torch.nn.Module] = No
     if template is not None:
         model = copy.deepcopy(template)
     elif graph.layout.arch is not None:
-        from nn.models import create_model
-
-        arch = graph.layout.arch
-        model = create_model(arch["name"], num_classes=arch["num_classes"], widths=arch["widths"], **arch["kwargs"])
+        model = zoo().build(graph.layout.arch)
     else:
         raise ValueError("this graph is not of a zoo model: pass template=<a model of the same architecture>")
     state = OrderedDict((k, v.detach()) for k, v in graph_to_state_dict(graph).items())

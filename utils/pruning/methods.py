@@ -116,6 +116,3 @@ def build_method(cfg: Mapping[str, Any]) -> PruningMethod:
         method.calibration_batches = 1
     return method
 
-
-# Modules that register group hooks; imported last because they import this module's registries.
-import utils.pruning.intra_fusion  # noqa: F401

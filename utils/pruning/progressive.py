@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from utils.architecture import is_zoo_model, zoo
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import PruningError, PruningMethod
 
@@ -42,19 +43,15 @@ class PruneResult:
 
 def pruning_kwargs(model: torch.nn.Module) -> Dict[str, Any]:
     """Arguments that keep a zoo model describable (classifier ignored, ViT heads kept whole)."""
-    if hasattr(model, "zoo_arch"):
-        from nn.models import family_of
-
-        return family_of(model).pruning_kwargs(model)
+    if is_zoo_model(model):
+        return zoo().pruning_kwargs(model)
     last_linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
     return {"ignored_layers": last_linear}
 
 
 def _after_pruning(model: torch.nn.Module) -> None:
-    if hasattr(model, "zoo_arch"):
-        from nn.models import family_of
-
-        family_of(model).after_pruning(model)
+    if is_zoo_model(model):
+        zoo().after_pruning(model)
 
 
 def build_pruner(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor, steps: int,

@@ -18,15 +18,15 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from utils.architecture import is_zoo_model, zoo
+
 PRUNABLE = (torch.nn.Conv2d, torch.nn.Linear)
 
 
 def classifier_of(model: torch.nn.Module) -> torch.nn.Module | None:
     """The zoo family's classifier, or the last linear layer of a non-zoo model."""
-    if hasattr(model, "zoo_arch"):
-        from nn.models import family_of
-
-        return family_of(model).classifier(model)
+    if is_zoo_model(model):
+        return zoo().classifier(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return linears[-1] if linears else None
 

@@ -21,7 +21,7 @@ METHOD_DIR = __import__("pathlib").Path(__file__).resolve().parents[3] / "config
 # (published names, such as group_l2_norm_max_normalizer, are aliases of these: tests/configs covers them)
 _CONFIGS = {p.stem: c for p in sorted(METHOD_DIR.glob("*.yaml")) if (c := load_group_option("method", p.stem)).name == p.stem}
 # Channel-pruning criteria run through progressive_prune; unstructured methods through their scheme
-# (tests/utils/pruning/test_unstructured.py); width-search pipelines end to end in tests/utils/metapruning.
+# (tests/utils/pruning/test_unstructured.py); width-search pipelines end to end in tests/nn/metapruning.
 METHODS = [n for n, c in _CONFIGS.items() if "pipeline" not in c and c.get("structure", "channels") == "channels"]
 OTHER_METHODS = [n for n in _CONFIGS if n not in METHODS]
 

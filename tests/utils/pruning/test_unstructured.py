@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from main.run_modes import dispatch
 from nn.models import create_model
-from tests.utils.test_meta_train import _cfg
+from tests.main.test_meta_train import _cfg
 from utils.checkpoint import load_model
 from utils.pruning import unstructured as us
 from utils.pruning.progressive import PruningError
 from utils.pruning.schemes import scheme_for
-from utils.run_modes import dispatch
 
 
 def _model(seed=0):

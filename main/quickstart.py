@@ -29,9 +29,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from configs import load_group_option
+from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
+from main.visualize import knees
 from utils.io import atomic_write_json, atomic_write_text, write_csv
-from utils.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
-from utils.visualize import knees
+from utils.plotting import plt, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def curve_score(points: List[Dict[str, float]], lo: float, hi: float) -> float:
 def select_epoch(curves: Dict[int, List[Dict[str, float]]],
                  reference: float | None = None) -> tuple[int, Dict[int, float]]:
     """The metanetwork epoch (> 0) whose curve keeps its accuracy to the highest speed-up: the largest knee
-    (:func:`utils.visualize.knee`, against ``reference``, the original network's validation accuracy; without
+    (:func:`main.visualize.knee`, against ``reference``, the original network's validation accuracy; without
     it, against the start of the epoch-0 curve), ties broken by the
     :func:`curve_score` over the range all curves cover. Returns the epoch and every epoch's score.
 
@@ -111,8 +112,6 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
 
 def plot_results(rows: List[Dict[str, Any]], stem: Path, title: str) -> None:
     """Test accuracy vs reached speed-up, one line per variant, as ``stem``.png and ``stem``.pdf."""
-    from utils.plotting import plt, save_figure
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         pts = sorted((r["speed_up"], r["test_acc"]) for r in rows if r["variant"] == variant)

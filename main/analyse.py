@@ -17,12 +17,12 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from omegaconf import DictConfig
 
+from main.meta_train import apply_metanetwork, load_data_models, load_metanetwork
+from main.run_modes import RUN_MODES, ConfigError, prepare_run
+from main.stages import data_for, example_input
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json
-from utils.meta_train import apply_metanetwork, load_data_models, load_metanetwork
 from utils.pruning.progressive import pruning_kwargs
-from utils.run_modes import RUN_MODES, ConfigError, prepare_run
-from utils.stages import data_for, example_input
 
 log = logging.getLogger(__name__)
 

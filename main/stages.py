@@ -9,9 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data_loaders import DatasetSplits, build_datasets, build_loaders
+from main.run_modes import RunContext
 from nn.models import create_model, describe_model
 from utils.device import seed_everything
-from utils.run_modes import RunContext
 from utils.train import FitResult, evaluate, fit
 
 

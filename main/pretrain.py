@@ -12,12 +12,12 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
+from main.run_modes import RUN_MODES, prepare_run
+from main.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 from utils.checkpoint import save_model
 from utils.io import atomic_write_json
 from utils.plotting import plot_history
 from utils.pruning.macs import MacCounter
-from utils.run_modes import RUN_MODES, prepare_run
-from utils.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 
 log = logging.getLogger(__name__)
 

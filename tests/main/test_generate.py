@@ -6,11 +6,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import generate_dataset.generate as gen
-from data_loaders.data_models import DataModelSet, DataModelStoreError, ShardWriter, merge_shards, read_records, store_files
+import main.generate as gen
+from data_loaders.data_models import (
+    DataModelSet,
+    DataModelStoreError,
+    ShardWriter,
+    merge_shards,
+    read_records,
+    store_files,
+)
 from generate_dataset.merge import main as merge_main
+from main.run_modes import dispatch
 from utils.convert import graph_to_state_dict
-from utils.run_modes import dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_test=16", "dataset.image_size=16",

@@ -23,12 +23,12 @@ from typing import Any, Dict
 import torch
 from omegaconf import DictConfig
 
+from main.run_modes import RUN_MODES, prepare_run
+from main.stages import data_for
 from utils.checkpoint import load_model
 from utils.config_schema import ConfigError
 from utils.io import atomic_write_json, make_tempfile
 from utils.latency import measure_latency, time_calls
-from utils.run_modes import RUN_MODES, prepare_run
-from utils.stages import data_for
 
 log = logging.getLogger(__name__)
 

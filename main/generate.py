@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from data_loaders.data_models import DataModelRecord, ShardWriter
+from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
+from main.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 from nn.models import describe_model
 from utils.checkpoint import load_model, save_model
 from utils.io import atomic_write_json
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
-from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
-from utils.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 
 log = logging.getLogger(__name__)
 

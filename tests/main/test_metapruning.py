@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from main.run_modes import ConfigError, dispatch
 from nn.models import create_model
-from tests.utils.test_meta_train import _cfg
+from tests.main.test_meta_train import _cfg
 from utils.checkpoint import load_model
 from utils.io import read_json
 from utils.pruning.macs import count_macs_params
 from utils.pruning.progressive import PruningError
-from utils.run_modes import ConfigError, dispatch
 
 SMALL = ["method.search.population=6", "method.search.generations=2", "method.search.parents=3",
          "method.recalibration_batches=1", "method.hidden=2", "method.ratios.num=5"]

@@ -6,12 +6,12 @@ import torch
 from omegaconf import OmegaConf
 
 from data_loaders import build_datasets, build_loaders
+from main.metapruning import Scorer, calibration_batches
+from main.run_modes import RunContext
+from nn.metapruning.families import adapter_for, supported_models
+from nn.metapruning.pruningnet import MacTable, PruningNet, RandomWidthNet, WidthSpace, recalibrate_bn
 from nn.models import get_widths
-from utils.metapruning.families import adapter_for, supported_models
-from utils.metapruning.pipeline import Scorer, calibration_batches
-from utils.metapruning.pruningnet import MacTable, PruningNet, RandomWidthNet, WidthSpace, recalibrate_bn
 from utils.pruning.macs import count_macs_params
-from utils.run_modes import RunContext
 from utils.train import Limits, fit
 
 RATIOS = [0.25, 0.5, 0.75, 1.0]

@@ -34,14 +34,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from data_loaders.data_models import DataModel, DataModelSet, store_files
-from generate_dataset.generate import store_header
+from main.generate import store_header
+from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
+from main.stages import data_for, example_input
 from nn.metanetwork import build_metanetwork
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.convert import NetworkGraph, graph_to_state_dict
+from utils.convert import NetworkGraph, graph_to_model, graph_to_state_dict
 from utils.io import atomic_save, write_csv
 from utils.pruning.schemes import scheme_for
-from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
-from utils.stages import data_for, example_input
+from utils.pruning.selectivity import selectivity, weight_norm_sq
+from utils.train import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +288,6 @@ def penalty_descent(model: torch.nn.Module, regularize: Callable[[torch.nn.Modul
     loss out of the way, can it shrink channels *selectively*, as direct descent does, or only all together?
     Returns the steps taken and ``||W||^2`` before and after; ``model`` holds the final weights.
     """
-    from utils.pruning.selectivity import weight_norm_sq
-
     start = weight_norm_sq(model)
     params = dict(model.named_parameters())
     opt = None
@@ -395,10 +395,6 @@ def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: 
     """Cheap per-epoch figures on the validation data models: accuracy of the output network without any
     fine-tuning, how selectively its channels are sized (:mod:`utils.pruning.selectivity`: the share of
     channels below 10% of their group's largest norm, the within-group min/max norm ratio) and ||W||^2."""
-    from utils.convert import graph_to_model
-    from utils.pruning.selectivity import selectivity, weight_norm_sq
-    from utils.train import evaluate
-
     accs, sel = [], []
     for item in val_set:
         with torch.no_grad():

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.test_meta_train import _cfg
+from main.quickstart import curve_score, select_epoch
+from main.run_modes import ConfigError, dispatch
+from main.visualize import knee, knees
+from tests.main.test_meta_train import _cfg
 from utils.io import read_json
-from utils.quickstart import curve_score, select_epoch
-from utils.run_modes import ConfigError, dispatch
-from utils.visualize import knee, knees
 
 
 def test_epoch_selection_prefers_the_flatter_curve_and_never_picks_epoch_0():

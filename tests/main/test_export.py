@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch_pruning as tp
 
+from main.export import ExportMismatchError, export_checked, require_export_extra
 from nn.models import create_model, get_family
 from utils.config_schema import ConfigError
-from utils.export import ExportMismatchError, export_checked, require_export_extra
 from utils.pruning.unstructured import nm_prune
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -57,10 +57,10 @@ class _Shifted(torch.nn.Module):
 
 def test_a_wrong_export_is_caught(tmp_path, monkeypatch):
     """The exported file computes logits + 1e-3: the check against PyTorch must refuse it."""
-    import utils.export
+    import main.export
 
-    real_export = utils.export.export_onnx
-    monkeypatch.setattr(utils.export, "export_onnx", lambda m, x, p: real_export(_Shifted(m), x, p))
+    real_export = main.export.export_onnx
+    monkeypatch.setattr(main.export, "export_onnx", lambda m, x, p: real_export(_Shifted(m), x, p))
     with pytest.raises(ExportMismatchError, match="differ from PyTorch's by 0.001"):
         export_checked(_nm_2_4(), torch.randn(4, 3, 32, 32), tmp_path / "model.onnx", repeats=1)
 

@@ -8,7 +8,7 @@
    meta-pruning (``fitness: reward``, ``A_base`` = the PruningNet's full-width validation accuracy).
 3. The found widths become a plain zoo network, trained from scratch with a task schedule
    (``retrain.init: generated`` starts from the PruningNet's weights instead), evaluated once on test,
-   saved as widths + state dict, and ``metrics.json`` is written with the keys of ``utils.final``.
+   saved as widths + state dict, and ``metrics.json`` is written with the keys of ``main.final``.
 
 The base network (``base_*`` accuracies, latency) is the PruningNet at full width exported to the zoo
 network; ``metrics["base_reference"]`` says so. The search's fitness never looks at the test split.
@@ -25,19 +25,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from main.final import FINAL_PIPELINES
+from main.run_modes import ConfigError, RunContext
+from main.stages import data_for, evaluate_splits, example_input, train_stage
+from nn.metapruning.families import adapter_for
+from nn.metapruning.pruningnet import Choice, FixedWidthNet, MacTable, PruningNet, RandomWidthNet, recalibrate_bn
+from nn.metapruning.search import FITNESS, EvolutionarySearch, SearchSettings, Window
 from nn.models import create_model
 from utils.checkpoint import CheckpointError, load_checkpoint, save_model
 from utils.device import seed_everything
-from utils.final import FINAL_PIPELINES
 from utils.io import atomic_save, atomic_write_json
 from utils.latency import measure_latency
-from utils.metapruning.families import adapter_for
-from utils.metapruning.pruningnet import Choice, FixedWidthNet, MacTable, PruningNet, RandomWidthNet, recalibrate_bn
-from utils.metapruning.search import FITNESS, EvolutionarySearch, SearchSettings, Window
 from utils.pruning.macs import MacCounter
 from utils.registry import Registry
-from utils.run_modes import ConfigError, RunContext
-from utils.stages import data_for, evaluate_splits, example_input, train_stage
 from utils.train import evaluate, fit
 
 log = logging.getLogger(__name__)

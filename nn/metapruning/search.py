@@ -27,9 +27,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nn.metapruning.pruningnet import Choice, WidthSpace
 from utils.checkpoint import CheckpointError
 from utils.io import atomic_write_json, read_json
-from utils.metapruning.pruningnet import Choice, WidthSpace
 from utils.pruning.progressive import PruningError
 from utils.registry import Registry
 

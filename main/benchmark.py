@@ -8,7 +8,7 @@ task are the same for all (the "no metanetwork" baselines fine-tune for the afte
 Methods with their own pipeline (MetaPruning, Rewarded meta-pruning) search widths and train the found
 network with their configured schedule instead; their metrics name their budget. The graph metanetwork
 is meta-trained once (seed ``benchmark.meta_seed``), its epoch chosen on validation curves
-(:func:`utils.quickstart.select_epoch`) unless ``meta_epoch=`` is given.
+(:func:`main.quickstart.select_epoch`) unless ``meta_epoch=`` is given.
 
 Each finished cell (method, speed-up, seed) is saved as ``cells/<method>_x<speed-up>_seed<seed>.json``; a
 re-run skips finished cells. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
@@ -27,9 +27,10 @@ from typing import Any, Dict, List
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from main.quickstart import select_epoch, stage_config
+from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from utils.io import atomic_write_json, atomic_write_text, read_json, write_csv
-from utils.quickstart import select_epoch, stage_config
-from utils.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
+from utils.plotting import plt, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def markdown(summary: List[Dict[str, Any]], targets: List[float]) -> str:
 
 
 def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
-    from utils.plotting import plt, save_figure
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["method"] for r in summary):
         rows = sorted((r for r in summary if r["method"] == label), key=lambda r: r["speed_up_mean"])

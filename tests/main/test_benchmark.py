@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-import utils.benchmark as bm
-from tests.utils.test_meta_train import _cfg
-from utils.benchmark import markdown
-from utils.run_modes import ConfigError
+import main.benchmark as bm
+from main.benchmark import markdown
+from main.run_modes import ConfigError
+from tests.main.test_meta_train import _cfg
 
 
 def _bench_cfg(root, methods):

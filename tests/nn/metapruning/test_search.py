@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from utils.metapruning.families import adapter_for
-from utils.metapruning.pruningnet import MacTable, PruningNet
-from utils.metapruning.search import (
+from nn.metapruning.families import adapter_for
+from nn.metapruning.pruningnet import MacTable, PruningNet
+from nn.metapruning.search import (
     FITNESS,
     EvolutionarySearch,
     SearchSettings,

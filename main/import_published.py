@@ -28,13 +28,13 @@ from tqdm import tqdm
 
 from data_loaders.data_models import DataModelRecord, check_header, read_descriptions, read_header, write_shard
 from data_loaders.published_layout import PublishedRowError, layout_for, rebuild, row_arrays, split_row
-from generate_dataset.generate import store_header
+from main.generate import store_header
+from main.run_modes import RUN_MODES, ConfigError, prepare_run
+from main.stages import data_for, evaluate_splits, example_input, new_model
 from nn.models import describe_model
 from utils.io import atomic_write_json
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
-from utils.run_modes import RUN_MODES, ConfigError, prepare_run
-from utils.stages import data_for, evaluate_splits, example_input, new_model
 
 log = logging.getLogger(__name__)
 

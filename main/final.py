@@ -17,7 +17,7 @@ scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots
 3. fine-tunes again ("after pruning" schedule), evaluates once on test, saves the pruned network as
    widths + state dict and writes ``metrics.json`` (accuracy of the base and pruned networks on val and
    test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings);
-   with ``export_onnx=true`` also ``model.onnx``, checked with onnxruntime (:mod:`utils.export`).
+   with ``export_onnx=true`` also ``model.onnx``, checked with onnxruntime (:mod:`main.export`).
 
 Every stage leaves a checkpoint in the run's folder, so an interrupted run continues where it stopped.
 
@@ -37,19 +37,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_loaders.data_models import DataModel
-from generate_dataset.generate import make_data_model
+from main.export import export_checked, real_batch, require_export_extra
+from main.generate import make_data_model
+from main.meta_train import apply_metanetwork, load_metanetwork
+from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
+from main.stages import data_for, evaluate_splits, example_input, train_stage
 from nn.models import create_model
 from utils.checkpoint import CheckpointError, load_model, save_model
 from utils.convert import graph_to_model
-from utils.export import export_checked, real_batch, require_export_extra
 from utils.io import atomic_write_json, read_json
 from utils.latency import measure_latency
-from utils.meta_train import apply_metanetwork, load_metanetwork
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
 from utils.registry import Registry
-from utils.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
-from utils.stages import data_for, evaluate_splits, example_input, train_stage
 
 log = logging.getLogger(__name__)
 

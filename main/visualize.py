@@ -19,12 +19,13 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from main.meta_train import apply_metanetwork, epoch_checkpoint, load_data_models, load_metanetwork
+from main.run_modes import RUN_MODES, ConfigError, prepare_run, run_argument
+from main.stages import data_for, example_input, train_stage
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json, read_json
-from utils.meta_train import apply_metanetwork, epoch_checkpoint, load_data_models, load_metanetwork
+from utils.plotting import plt, save_figure
 from utils.pruning.schemes import SCHEMES, scheme_for
-from utils.run_modes import RUN_MODES, ConfigError, prepare_run, run_argument
-from utils.stages import data_for, example_input, train_stage
 from utils.train import evaluate
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
 def plot_curves(curves: Dict[int, Dict[str, Any]], stem: Path, title: str = "",
                 knee_of: Dict[int, float] | None = None) -> None:
     """One figure with every epoch's accuracy-vs-speed-up curve (knees in the legend), as ``stem``.png/.pdf."""
-    from utils.plotting import plt, save_figure
-
     fig, ax = plt.subplots(figsize=(6, 4))
     axis = "speed_up"
     for epoch, c in sorted(curves.items()):

@@ -17,8 +17,8 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
+from nn.metapruning.families import ConvSpec, FamilyAdapter, LayerOps
 from nn.models import create_model
-from utils.metapruning.families import ConvSpec, FamilyAdapter, LayerOps
 from utils.pruning.macs import MacCounter
 
 Choice = tuple[int, ...]
@@ -94,7 +94,7 @@ class PruningNet(tnn.Module):
     ``forward(x (B, 3, H, W), choice) -> logits (B, num_classes)``.
 
     Args:
-        adapter: the family's genes, layers and forward (:func:`utils.metapruning.families.adapter_for`).
+        adapter: the family's genes, layers and forward (:func:`nn.metapruning.families.adapter_for`).
         num_classes: classifier outputs.
         ratios: the width ratios of :class:`WidthSpace`.
         hidden: hidden units of each weight-generating MLP (its parameters are ``hidden`` x conv weight).

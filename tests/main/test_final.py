@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils.test_meta_train import _cfg
+from main.run_modes import ConfigError, dispatch
+from tests.main.test_meta_train import _cfg
 from utils.checkpoint import CheckpointError, load_model
 from utils.io import read_json
 from utils.pruning.progressive import PruningError
-from utils.run_modes import ConfigError, dispatch
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_export_writes_a_checked_onnx_file_next_to_the_model(root):
 def test_a_regularised_fine_tune_does_not_resume_under_other_settings(tmp_path):
     """train_stage fingerprints the method when an after-backward hook (sparse learning) runs: a checkpoint
     made with another reg, or without the hook, is refused instead of silently continued."""
-    from utils.stages import data_for, new_model, train_stage
-    from utils.run_modes import RunContext
+    from main.run_modes import RunContext
+    from main.stages import data_for, new_model, train_stage
     from utils.train import Limits
 
     def run(*overrides, hook=lambda *a: None):

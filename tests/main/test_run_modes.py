@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from utils.run_modes import ConfigError, run_argument
+from main.run_modes import ConfigError, run_argument
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -1,11 +1,10 @@
 """Run modes (``run=<mode>``) and what every mode shares: device, seed, run directory, limits.
 
-A mode is a function ``(cfg) -> dict`` registered in ``RUN_MODES``; the modules that define modes are
-listed in ``_MODE_MODULES`` and imported on first dispatch, so entry points stay thin.
+A mode is a function ``(cfg) -> dict`` registered in ``RUN_MODES`` by the module that defines it. The
+package's ``__init__`` imports every such module, so importing anything from ``main`` gives the full table.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,17 +20,14 @@ from data_loaders import DatasetCorruptError
 from data_loaders.data_models import DataModelStoreError
 from utils.checkpoint import CheckpointError
 from utils.config_schema import ConfigError, check_config
-from utils.pruning.progressive import PruningError
 from utils.device import get_device, seed_everything, set_threads
+from utils.pruning.progressive import PruningError
 from utils.registry import Registry, UnknownNameError
 from utils.train import Limits
 
 log = logging.getLogger(__name__)
 
 RUN_MODES: Registry[Callable[[DictConfig], Dict[str, Any]]] = Registry("run mode")
-_MODE_MODULES = ["utils.pretrain", "generate_dataset.generate", "utils.meta_train", "utils.visualize", "utils.final", "utils.analyse",
-                 "utils.quickstart", "utils.metapruning.pipeline", "utils.benchmark", "utils.export",
-                 "generate_dataset.published"]
 
 
 # Errors caused by the user's input (names, paths, files, settings): entry points print their message
@@ -121,19 +117,12 @@ def prepare_run(cfg: DictConfig) -> RunContext:
     return RunContext(device=device, run_dir=run_dir, limits=Limits.from_cfg(cfg.get("debug")))
 
 
-def _load_modes() -> None:
-    for module in _MODE_MODULES:
-        importlib.import_module(module)
-
-
 def list_run_modes() -> list[str]:
-    _load_modes()
     return RUN_MODES.names()
 
 
 def dispatch(cfg: DictConfig) -> Dict[str, Any]:
     """Run ``cfg.run``; ``run=help`` lists the modes."""
-    _load_modes()
     if cfg.run == "help":
         print("run modes: " + ", ".join(RUN_MODES.names()))
         return {}

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from hydra import compose, initialize_config_dir
 
-import utils.meta_train as mt
-import utils.visualize as vis
+import main.meta_train as mt
+import main.visualize as vis
+from main.run_modes import RunContext, dispatch
 from utils.checkpoint import CheckpointError
 from utils.convert import graph_to_state_dict
 from utils.io import read_json
-from utils.run_modes import RunContext, dispatch
 from utils.train import Limits
 
 ROOT = Path(__file__).resolve().parents[2]

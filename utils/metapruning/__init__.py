@@ -1,7 +1,0 @@
-"""MetaPruning (Liu et al., ICCV 2019) and Rewarded meta-pruning as methods of ``run=pruning_final``.
-
-* :mod:`utils.metapruning.families`: genes (coupled widths), layers and forward of each supported zoo family.
-* :mod:`utils.metapruning.pruningnet`: the weight-generating PruningNet, BN recalibration, exact MACs.
-* :mod:`utils.metapruning.search`: evolutionary search in a MAC window, accuracy and reward fitness.
-* :mod:`utils.metapruning.pipeline`: the ``metapruning`` final-pruning pipeline (train, search, retrain).
-"""
