@@ -1,4 +1,4 @@
-"""One meta-training step on ResNet-56, split into its parts (DESIGN.md section 5).
+"""One meta-training step on ResNet-56, split into its parts (docs/design.md section 5).
 
     python bench/meta_step.py                     # 4 batches of 500 images per step, then the published 100
     python bench/meta_step.py --batches 4 --repeats 3

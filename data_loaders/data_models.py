@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from nn.models import create_model
+from utils import distributed as du
 from utils.convert import model_to_graph
 from utils.io import make_tempfile
 
@@ -105,7 +106,9 @@ class ShardWriter:
 def _replace_file(path: Path, header: Mapping[str, Any], change) -> None:
     """Apply ``change`` to a copy of ``path`` (a new file if there is none) and rename it over ``path``.
 
-    An exception in ``change`` leaves ``path`` as it was."""
+    An exception in ``change`` leaves ``path`` as it was. In a distributed job only rank 0 writes (``utils.io``)."""
+    if not du.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tempfile(path)
     try:

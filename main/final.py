@@ -43,6 +43,7 @@ from main.meta_train import apply_metanetwork, load_metanetwork
 from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
 from main.stages import data_for, evaluate_splits, example_input, train_stage
 from nn.models import create_model
+from utils import distributed as du
 from utils.checkpoint import CheckpointError, load_model, save_model
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json, read_json
@@ -160,13 +161,14 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
         "task": cfg.task.name, "method": cfg.method.name, "metanetwork": cfg.metanetwork.name, "meta_epoch": epoch,
         "reproduce_index": slot, f"target_{scheme.axis}": target, "axis": scheme.axis, "seed": seed, **base, **final,
         **measured, "base_macs": base_macs, "target_macs": base_counter(), "target_params": base_counter.params(),
-        "base_params": int(info["base_params"]),
+        "base_params": int(info["base_params"]), "ranks": ctx.dist.world_size,
+        "replica_checksums": du.replica_checksums(pruned),  # one per rank: equal when the ranks pruned alike
         "latency": {"base": measure_latency(base_model, batch), "pruned": measure_latency(pruned, batch)},
         "timings": {**timings, "total_s": time.time() - t0},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     save_model(out / "model.pt", pruned, metrics={k: v for k, v in metrics.items() if k != "config"})
-    if cfg.get("export_onnx"):
+    if cfg.get("export_onnx") and ctx.dist.is_main:
         metrics["onnx"] = export_checked(pruned, real_batch(loaders["val"], int(cfg.task.eval_batch_size)),
                                          out / "model.onnx")
     atomic_write_json(metrics, out / "metrics.json")

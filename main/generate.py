@@ -26,6 +26,7 @@ from data_loaders.data_models import DataModelRecord, ShardWriter
 from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
 from main.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 from nn.models import describe_model
+from utils import distributed as du
 from utils.checkpoint import load_model, save_model
 from utils.io import atomic_write_json
 from utils.pruning.macs import MacCounter
@@ -78,6 +79,7 @@ def make_data_model(cfg: DictConfig, ctx: RunContext, slot: int, splits, loaders
         "slot": slot, "seed": seed, **metrics, **scheme.measure(model, example, base_macs),
         "base_macs": base_macs, "base_params": base_params,
         "prune_steps": prune_info["steps"], "timings": timings, "task": cfg.task.name, "method": cfg.method.name,
+        "ranks": ctx.dist.world_size, "replica_checksums": du.replica_checksums(model),  # equal: the ranks agree
         "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "dataset", "optim", "method")},
     }
     log.info("slot %d: train acc %.2f, val acc %.2f, %s %.3f", slot, info["train_acc"], info["val_acc"], scheme.axis,
@@ -95,24 +97,28 @@ def generate(cfg: DictConfig) -> Dict[str, Any]:
     if index < 0 or num < 1:
         raise ConfigError(f"shard={index}, num={num}: a shard needs shard >= 0 and num >= 1, e.g. shard=0 num=4")
     store = Path(cfg.data_models_dir)
-    writer = ShardWriter(store / f"shard_{index:03d}.h5", store_header(cfg))
+    writer = ShardWriter(store / f"shard_{index:03d}.h5", store_header(cfg))  # rank 0 creates the file
+    du.barrier()
     done = set(writer.finished_slots())
     slots = range(index * num, index * num + num)
     log.info("shard %d: slots %d-%d, %d already stored in %s", index, slots[0], slots[-1],
              len(done & set(slots)), writer.path)
     splits, loaders = data_for(cfg, ctx)
     t0 = time.time()
-    for slot in tqdm(slots, desc=f"shard {index}", disable=not cfg.progress):
+    for slot in tqdm(slots, desc=f"shard {index}", disable=not cfg.progress or not ctx.dist.is_main):
         if slot in done:
             continue
         work = store / "work" / f"slot{slot:05d}"
-        if not cfg.resume:  # start the unfinished slot over; finished slots are results and are kept
+        if not cfg.resume and ctx.dist.is_main:  # start the unfinished slot over; finished slots are kept
             shutil.rmtree(work, ignore_errors=True)
+        du.barrier()
         record = make_data_model(cfg, ctx, slot, splits, loaders, work)
         writer.append(record)
-        shutil.rmtree(work, ignore_errors=True)
-    if (store / "work").is_dir() and not any((store / "work").iterdir()):
+        if ctx.dist.is_main:
+            shutil.rmtree(work, ignore_errors=True)
+    if ctx.dist.is_main and (store / "work").is_dir() and not any((store / "work").iterdir()):
         (store / "work").rmdir()
+    du.barrier()  # the shard file holds every slot on every rank's reading
     summary = {"shard": str(writer.path), "slots": writer.finished_slots(), "seconds": time.time() - t0}
     atomic_write_json(summary, ctx.run_dir / "generate_summary.json")
     return summary

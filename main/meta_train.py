@@ -1,4 +1,4 @@
-"""``run=meta_train``: train the metanetwork on the training data models (DESIGN.md section 5).
+"""``run=meta_train``: train the metanetwork on the training data models (docs/design.md section 5).
 
 One step per training data model (shuffled every epoch):
 
@@ -19,6 +19,7 @@ gradient is not finite is skipped and logged; ``max_bad_steps`` in a row stop th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -31,6 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from data_loaders.data_models import DataModel, DataModelSet, store_files
@@ -38,9 +40,10 @@ from main.generate import store_header
 from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from main.stages import data_for, example_input
 from nn.metanetwork import build_metanetwork
+from utils import distributed as du
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.convert import NetworkGraph, graph_to_model, graph_to_state_dict
-from utils.io import atomic_save, write_csv
+from utils.io import atomic_save, atomic_write_json, write_csv
 from utils.pruning.schemes import scheme_for
 from utils.pruning.selectivity import selectivity, weight_norm_sq
 from utils.train import evaluate
@@ -188,7 +191,7 @@ class MetaTrainer:
         for _ in range(int(self.mt.batches_per_step)):
             x, y = next(batches)
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-            loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (DESIGN.md section 5)
+            loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (docs/design.md section 5)
             loss.backward()
             task_loss += loss.item()
         times["data_s"] = time.perf_counter() - t
@@ -322,57 +325,90 @@ def _batches(loader) -> Iterator:
         yield from loader
 
 
+def _train_loader(cfg: DictConfig, ctx: RunContext, splits) -> torch.utils.data.DataLoader:
+    """The image batches of the task loss: seeded shuffling in one process, this rank's share in a job."""
+    mt, common = cfg.task.meta_train, {"num_workers": int(cfg.num_workers), "drop_last": True,
+                                       "pin_memory": ctx.device.type == "cuda"}
+    if ctx.dist.world_size == 1:
+        return torch.utils.data.DataLoader(splits.train, batch_size=int(mt.batch_size), shuffle=True,
+                                           generator=torch.Generator().manual_seed(int(cfg.seed)), **common)
+    sampler = DistributedSampler(splits.train, ctx.dist.world_size, ctx.dist.rank, shuffle=True, seed=int(cfg.seed),
+                                 drop_last=True)
+    return torch.utils.data.DataLoader(splits.train, batch_size=int(mt.batch_size), sampler=sampler, **common)
+
+
 @RUN_MODES.register("meta_train")
 def meta_train(cfg: DictConfig) -> Dict[str, Any]:
+    """Meta-train the metanetwork on the training data models, one checkpoint per epoch (module docstring).
+
+    In a distributed job every step takes **one data model per rank** (step ``s`` of an epoch: rank ``r``
+    takes the ``s * world + r``-th of the epoch's shuffled order) and that rank's own image batches. The
+    metanetwork is wrapped in DistributedDataParallel (rank 0's initial weights are broadcast); the step's
+    vector-Jacobian product runs under ``no_sync()`` and the gradients are averaged explicitly once every rank
+    agrees the step is finite (DDP's in-backward all-reduce would deadlock when one rank skips a step), so
+    every rank holds the same metanetwork. With one process this is exactly the single-process loop."""
     ctx = prepare_run(cfg)
     if cfg.metanetwork.name == "none":
         raise ConfigError("run=meta_train needs a metanetwork: pass metanetwork=resnet56 (or another size)")
-    mt = cfg.task.meta_train
+    mt, seed, rank, world = cfg.task.meta_train, int(cfg.seed), ctx.dist.rank, ctx.dist.world_size
     meta_dir = Path(cfg.meta_train_dir)
     train_set, val_set = load_data_models(cfg, "train"), load_data_models(cfg, "val")
+    steps = len(train_set) // world  # one data model per rank and step; the remainder waits for another epoch
+    if steps == 0:
+        raise ConfigError(f"{len(train_set)} training data model(s) for {world} ranks: each step needs one per rank; "
+                          "make more data models (run=generate) or use fewer ranks")
     splits, loaders = data_for(cfg, ctx)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=int(mt.batch_size), shuffle=True,
-                                         generator=torch.Generator().manual_seed(int(cfg.seed)),
-                                         num_workers=int(cfg.num_workers), drop_last=True)
+    loader = _train_loader(cfg, ctx, splits)
     example = example_input(splits, ctx.device)
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(seed)
     metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
+    wrapped = du.wrap_ddp(metanet, ctx.device, find_unused_parameters=bool(cfg.get("dist", {}).get(
+        "find_unused_parameters", False)))
     fingerprint = {"metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True),  # epochs may grow
-                   "meta_train": meta_settings(mt), "slots": train_set.slots, "seed": int(cfg.seed)}
+                   "meta_train": meta_settings(mt), "slots": train_set.slots, "seed": seed,
+                   **({"ranks": world} if world > 1 else {})}
     state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
-    trainer = MetaTrainer(cfg, ctx, metanet, example, state.budget)
+    trainer = MetaTrainer(cfg, ctx, wrapped, example, state.budget)
     optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
                                                            state.start, state.rows, state.val_rows)
-    last = state.path
     if start == 0:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0))
-    max_bad, bad = int(mt.max_bad_steps), 0
+    max_bad, bad, name = int(mt.max_bad_steps), 0, str(mt.get("optimizer", "adamw"))
     for epoch in range(start, epochs):
-        rng = random.Random(int(cfg.seed) * 7919 + epoch)
         order = list(range(len(train_set)))
-        rng.shuffle(order)
-        torch.manual_seed(int(cfg.seed) * 7919 + epoch)
-        loader.generator.manual_seed(int(cfg.seed) * 7919 + epoch)
+        random.Random(seed * 7919 + epoch).shuffle(order)  # the same order on every rank
+        torch.manual_seed(seed * 7919 + epoch + 7919 * rank)
+        if loader.generator is not None:
+            loader.generator.manual_seed(seed * 7919 + epoch)
+        else:
+            loader.sampler.set_epoch(epoch)
         batches = _batches(loader)
         metanet.train()
-        for i in tqdm(order, desc=f"meta epoch {epoch + 1}/{epochs}", disable=not cfg.progress, leave=False):
+        for s in tqdm(range(steps), desc=f"meta epoch {epoch + 1}/{epochs}", disable=not cfg.progress or rank > 0,
+                      leave=False):
+            item = train_set[order[s * world + rank]]
             optimizer.zero_grad(set_to_none=True)
-            r = trainer.step(train_set[i], batches)
-            if state.budget is not None:
-                state.budget.update(r["task_loss"] / int(mt.batches_per_step))
-            ok = r["finite"] and all(torch.isfinite(p.grad).all() for p in metanet.parameters() if p.grad is not None)
+            with wrapped.no_sync() if wrapped is not metanet else contextlib.nullcontext():
+                r = trainer.step(item, batches)
+            task_loss, sparsity = (v / world for v in du.all_reduce_sum([r["task_loss"], r["sparsity"]]))
+            if state.budget is not None:  # the same mean loss on every rank: the multipliers stay equal
+                state.budget.update(task_loss / int(mt.batches_per_step))
+            ok = du.all_true(r["finite"] and all(torch.isfinite(p.grad).all() for p in metanet.parameters()
+                                                 if p.grad is not None))
             if ok:
-                meta_step(optimizer, metanet, str(mt.get("optimizer", "adamw")))
+                du.average_gradients(metanet)
+                meta_step(optimizer, metanet, name)
                 bad = 0
             else:
                 bad += 1
-                log.warning("epoch %d, data model %d: non-finite loss or gradient; update skipped (%d in a row)",
-                            epoch + 1, train_set[i].slot, bad)
+                log.warning("epoch %d, step %d (data model %d): non-finite loss or gradient%s; update skipped (%d in a "
+                            "row)", epoch + 1, s + 1, item.slot, " on some rank" if world > 1 else "", bad)
                 if bad >= max_bad:
                     raise FloatingPointError(f"{bad} meta-training steps in a row were not finite; lower "
                                              f"task.meta_train.lr or pruner_reg. Last good epoch: {meta_dir}")
-            rows.append({"epoch": epoch + 1, "slot": train_set[i].slot, "lr": optimizer.param_groups[0]["lr"],
-                         **{k: v for k, v in r.items() if k != "finite"}, "skipped": not ok})
+            rows.append({"epoch": epoch + 1, "step": s + 1, "slot": item.slot, "lr": optimizer.param_groups[0]["lr"],
+                         **{k: v for k, v in r.items() if k != "finite"}, "task_loss": task_loss,
+                         "sparsity": sparsity, "skipped": not ok})  # losses: the mean over the ranks
         scheduler.step()
         val_rows.append(validate(ctx, metanet, val_set, loaders, example, epoch=epoch + 1))
         atomic_save({"metanetwork": metanet.state_dict(), "epoch": epoch + 1,
@@ -380,14 +416,21 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
                     epoch_checkpoint(meta_dir, epoch + 1))
         atomic_save({"metanetwork": metanet.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rows": rows, "val_rows": val_rows,
-                     "fingerprint": fingerprint, "log_mu": state.budget.log_mu if state.budget else 0.0}, last)
+                     "fingerprint": fingerprint, "log_mu": state.budget.log_mu if state.budget else 0.0}, state.path)
         write_csv(rows, meta_dir / "meta_losses.csv")
         write_csv(val_rows, meta_dir / "meta_val.csv")
         plot_meta(rows, val_rows, meta_dir / "meta_train.png")
+        this = [row for row in rows if row["epoch"] == epoch + 1]
         log.info("meta epoch %d/%d: task loss %.4f, sparsity %.4f; val acc (no fine-tuning) %.2f", epoch + 1, epochs,
-                 sum(r["task_loss"] for r in rows if r["epoch"] == epoch + 1) / len(order),
-                 sum(r["sparsity"] for r in rows if r["epoch"] == epoch + 1) / len(order), val_rows[-1]["val_acc"])
-    return {"epochs": epochs, "meta_train_dir": str(meta_dir), "val": val_rows}
+                 sum(row["task_loss"] for row in this) / len(this), sum(row["sparsity"] for row in this) / len(this),
+                 val_rows[-1]["val_acc"])
+    summary = {"epochs": epochs, "meta_train_dir": str(meta_dir), "val": val_rows, "ranks": world,
+               "replica_checksums": du.replica_checksums(metanet)}  # one per rank, equal when in step
+    if len(set(summary["replica_checksums"])) != 1:
+        raise RuntimeError(f"the metanetwork replicas differ across ranks: {summary['replica_checksums']}")
+    atomic_write_json(summary, meta_dir / "meta_summary.json")
+    du.barrier()
+    return summary
 
 
 def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: torch.Tensor,

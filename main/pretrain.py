@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from main.run_modes import RUN_MODES, prepare_run
 from main.stages import data_for, evaluate_splits, example_input, new_model, train_stage
+from utils import distributed as du
 from utils.checkpoint import save_model
 from utils.io import atomic_write_json
 from utils.plotting import plot_history
@@ -37,7 +38,8 @@ def pretrain(cfg: DictConfig) -> Dict[str, Any]:
         "seed": int(cfg.seed), "device": str(ctx.device), "epochs_run": len(result.history),
         "selected_epoch": result.selected_epoch, "val_acc": result.selected_val.get("acc"),
         "val_loss": result.selected_val.get("loss"), **test, "macs": counter(), "params": counter.params(),
-        "train_seconds": result.seconds, "total_seconds": time.time() - t0,
+        "train_seconds": result.seconds, "total_seconds": time.time() - t0, "ranks": ctx.dist.world_size,
+        "replica_checksums": du.replica_checksums(model),  # one per rank: equal when DDP kept them in step
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     save_model(ctx.run_dir / "model.pt", model, metrics={k: v for k, v in metrics.items() if k != "config"})

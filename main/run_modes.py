@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -18,9 +18,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from configs import load_group_option  # importing configs registers its resolvers before Hydra composes
 from data_loaders import DatasetCorruptError
 from data_loaders.data_models import DataModelStoreError
+from utils import distributed as du
 from utils.checkpoint import CheckpointError
 from utils.config_schema import ConfigError, check_config
-from utils.device import get_device, seed_everything, set_threads
+from utils.device import seed_everything, set_threads
 from utils.pruning.progressive import PruningError
 from utils.registry import Registry, UnknownNameError
 from utils.train import Limits
@@ -38,11 +39,13 @@ USER_ERRORS = (UnknownNameError, FileNotFoundError, DatasetCorruptError, DataMod
 
 @dataclass
 class RunContext:
-    """What a run mode needs besides its config."""
+    """What a run mode needs besides its config: its device, run directory and limits, and where this
+    process stands in a distributed job (``dist``; a single process is rank 0 of a world of 1)."""
 
     device: torch.device
     run_dir: Path
     limits: Limits
+    dist: du.DistInfo = field(default_factory=du.DistInfo)
 
 
 _TOP_LEVEL_TYPES = {"seed": int, "resume": bool, "progress": bool, "num_workers": int, "threads": (int, type(None)),
@@ -102,19 +105,30 @@ def _log_aliases(cfg: DictConfig) -> None:
 
 
 def prepare_run(cfg: DictConfig) -> RunContext:
-    """Check the top-level settings, seed, pick the device once, create the run directory."""
+    """Check the top-level settings, seed, pick the device once, create the run directory.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this also joins the process group (NCCL on CUDA, gloo on the
+    CPU; ``dist.timeout_s`` bounds every collective) and picks this rank's device. The run directory is
+    rank 0's (broadcast, so a path holding a timestamp cannot split a job in two) and only rank 0 creates it.
+    """
     check_top_level(cfg)
     set_threads(cfg.get("threads"))
+    if du.env_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank narrates; the others speak only of trouble
     seed_everything(int(cfg.seed))
     try:
-        device = get_device(cfg.get("device", "auto"))
+        device, info = du.init_distributed(cfg.get("device", "auto"), float(cfg.get("dist", {}).get("timeout_s", 1800)))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run=%s task=%s model=%s device=%s run_dir=%s", cfg.run, cfg.task.name, cfg.model.name, device, run_dir)
+    run_dir = Path(du.broadcast_object(str(cfg.run_dir)))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    ranks = f" ranks={info.world_size}" if info.world_size > 1 else ""
+    log.info("run=%s task=%s model=%s device=%s%s run_dir=%s", cfg.run, cfg.task.name, cfg.model.name, device, ranks,
+             run_dir)
     _log_aliases(cfg)
-    return RunContext(device=device, run_dir=run_dir, limits=Limits.from_cfg(cfg.get("debug")))
+    return RunContext(device=device, run_dir=run_dir, limits=Limits.from_cfg(cfg.get("debug")), dist=info)
 
 
 def list_run_modes() -> list[str]:

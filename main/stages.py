@@ -8,21 +8,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from data_loaders import DatasetSplits, build_datasets, build_loaders
-from main.run_modes import RunContext
+from data_loaders import DatasetSplits, build_datasets, build_loaders, sharded_loaders
+from main.run_modes import ConfigError, RunContext
 from nn.models import create_model, describe_model
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.device import seed_everything
 from utils.train import FitResult, evaluate, fit
 
 
 def data_for(cfg: DictConfig, ctx: RunContext, seed: int | None = None) -> Tuple[DatasetSplits, Dict[str, DataLoader]]:
-    """The task's data set and its loaders (training order seeded by ``seed``, default ``cfg.seed``)."""
+    """The task's data set and its loaders (training order seeded by ``seed``, default ``cfg.seed``); in a
+    distributed job each rank's loaders read its own share (``task.batch_size`` is the global batch)."""
     splits = build_datasets(cfg.dataset)
-    loaders = build_loaders(
-        splits, batch_size=int(cfg.task.batch_size), eval_batch_size=int(cfg.task.eval_batch_size),
-        num_workers=int(cfg.num_workers), seed=int(cfg.seed if seed is None else seed),
-        pin_memory=ctx.device.type == "cuda",
-    )
+    build = sharded_loaders if ctx.dist.world_size > 1 else build_loaders
+    try:
+        loaders = build(splits, batch_size=int(cfg.task.batch_size), eval_batch_size=int(cfg.task.eval_batch_size),
+                        num_workers=int(cfg.num_workers), seed=int(cfg.seed if seed is None else seed),
+                        pin_memory=ctx.device.type == "cuda")
+    except ValueError as err:  # a global batch the ranks cannot share
+        raise ConfigError(str(err)) from None
     return splits, loaders
 
 
@@ -32,10 +36,19 @@ def example_input(splits: DatasetSplits, device: torch.device) -> torch.Tensor:
 
 
 def new_model(cfg: DictConfig, num_classes: int, seed: int, device: torch.device) -> torch.nn.Module:
-    """A freshly initialised model of ``cfg.model`` (initialisation seeded by ``seed``)."""
+    """A freshly initialised model of ``cfg.model`` (initialisation seeded by ``seed``), or, with
+    ``init_weights=<file>``, one holding those weights (a torchvision state dict: training fine-tunes it)."""
     seed_everything(seed)
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    return create_model(cfg.model.name, num_classes=num_classes, **kwargs).to(device)
+    model = create_model(cfg.model.name, num_classes=num_classes, **kwargs)
+    if cfg.get("init_weights"):
+        state = load_checkpoint(cfg.init_weights)
+        try:
+            model.load_state_dict(state.get("model", state))
+        except RuntimeError as err:
+            raise CheckpointError(f"init_weights={cfg.init_weights} does not fit model={cfg.model.name} with "
+                                  f"{num_classes} classes: {str(err).splitlines()[0]}") from None
+    return model.to(device)
 
 
 def train_stage(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loaders: Dict[str, DataLoader],

@@ -1,6 +1,5 @@
-"""ImageNet-scale pipeline under ``torchrun`` with DistributedDataParallel (DESIGN.md section 2, item 7).
+"""``torchrun`` launcher of the run modes of ``main`` for ImageNet-scale models (``main.py``).
 
-Stages (``run=``): ``train``, ``prune``, ``finetune`` (one network: a data model or a target network;
-``stages.py``), ``meta_train``, ``visualize`` and ``prune_after_metanetwork`` (``meta.py``). The entry
-point is ``main.py``; the shared set-up (process group, run directory, sharded data) is ``context.py``.
+There is one pipeline: ``torchrun --nproc_per_node=N -m main_imagenet run=X`` runs the same mode as
+``python -m main run=X``, with DistributedDataParallel over N ranks and the ImageNet task defaults.
 """

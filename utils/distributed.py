@@ -137,6 +137,13 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def sync_rng() -> None:
+    """Give every rank rank 0's torch RNG state, so random decisions taken next (a random pruning criterion)
+    are the same everywhere; training draws per-rank augmentation and leaves the ranks' states apart."""
+    if is_distributed():
+        torch.set_rng_state(broadcast_object(torch.get_rng_state()))
+
+
 def state_checksum(module: torch.nn.Module) -> str:
     """SHA-256 of the module's parameters and buffers (names, shapes, bytes): equal iff the replicas agree."""
     digest = hashlib.sha256()

@@ -1,4 +1,9 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written checkpoint, JSON or CSV behind."""
+"""Atomic file writes: a crash or Ctrl-C never leaves a half-written checkpoint, JSON or CSV behind.
+
+In a distributed job only rank 0 writes: every rank runs the same code in lockstep and holds the same
+results, so the writers here (and :mod:`utils.plotting`'s) do nothing on the other ranks. A rank that must
+read what rank 0 has just written waits at a barrier first (``utils.distributed.barrier``).
+"""
 from __future__ import annotations
 
 import csv
@@ -10,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, IO, Iterable
 
 import torch
+
+from utils import distributed as du
 
 
 def _umask_mode() -> int:
@@ -27,6 +34,8 @@ def make_tempfile(path: Path) -> str:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    if not du.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tempfile(path)

@@ -9,10 +9,12 @@ import matplotlib
 matplotlib.use("Agg")  # headless: servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from utils import distributed as du  # noqa: E402
+
 
 def plot_history(history: Sequence[Dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Loss and accuracy per epoch (train and validation) from ``fit``'s history rows, saved as ``path``."""
-    if not history:
+    if not history or not du.is_main():  # one rank draws (utils.io)
         return
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -35,6 +37,9 @@ def plot_history(history: Sequence[Dict[str, Any]], path: str | Path, title: str
 def save_figure(fig, stem: str | Path) -> None:
     """Save ``fig`` as ``stem``.png and ``stem``.pdf (folders created) and close it."""
     stem = Path(stem)
+    if not du.is_main():  # one rank draws (utils.io)
+        plt.close(fig)
+        return
     fig.tight_layout()
     stem.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".pdf"):

@@ -1,4 +1,4 @@
-"""The metanetwork: a message-passing GNN that edits a network graph (DESIGN.md section 4).
+"""The metanetwork: a message-passing GNN that edits a network graph (docs/design.md section 4).
 
 Usage::
 

@@ -1,6 +1,6 @@
 """One message-passing layer of the metanetwork, in two implementations with the same parameters.
 
-Update rule (DESIGN.md section 4). Nodes ``h`` ``(N, H)``, edges ``e`` ``(E, H)``, ``edge_index`` ``(2, E)``
+Update rule (docs/design.md section 4). Nodes ``h`` ``(N, H)``, edges ``e`` ``(E, H)``, ``edge_index`` ``(2, E)``
 (row 0 = producer/source, row 1 = consumer/target)::
 
     hn, en = LayerNorm(h), LayerNorm(e)                     # no affine parameters

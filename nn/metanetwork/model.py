@@ -1,4 +1,4 @@
-"""The graph metanetwork: a network graph in, the same graph with edited features out (DESIGN.md section 4).
+"""The graph metanetwork: a network graph in, the same graph with edited features out (docs/design.md section 4).
 
 Pipeline for a graph with ``N`` nodes of ``F`` features and edge types ``t`` with ``E_t x F_t`` features::
 

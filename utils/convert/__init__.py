@@ -1,4 +1,4 @@
-"""Network <-> graph conversion (DESIGN.md section 3): exact, differentiable, traced once per architecture.
+"""Network <-> graph conversion (docs/design.md section 3): exact, differentiable, traced once per architecture.
 
     graph = model_to_graph(model)              # NetworkGraph; see utils/convert/graph.py for its fields
     state = graph_to_state_dict(graph)         # differentiable in graph.node_features / edge_features

@@ -1,4 +1,4 @@
-"""The graph of a network: channels are nodes, weights are typed edges (DESIGN.md section 3).
+"""The graph of a network: channels are nodes, weights are typed edges (docs/design.md section 3).
 
 A :class:`NetworkGraph` is two things:
 

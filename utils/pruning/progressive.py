@@ -1,4 +1,4 @@
-"""Progressive structural pruning to a target speed-up with Torch-Pruning groups (DESIGN.md section 6).
+"""Progressive structural pruning to a target speed-up with Torch-Pruning groups (docs/design.md section 6).
 
 Global pruning with a linear schedule of ``steps`` small steps towards ratio 1.0 and no per-layer cap;
 the classifier keeps its outputs. After every step the speed-up ``base_macs / macs`` is recomputed with
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from utils import distributed as du
 from utils.architecture import is_zoo_model, zoo
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import PruningError, PruningMethod
@@ -98,7 +99,14 @@ def prune_step(pruner: tp.pruner.BasePruner, method: PruningMethod) -> None:
 
 
 def loss_gradients(method: PruningMethod, batches: Callable[[], Any], device: torch.device) -> Callable:
-    """A ``calibrate(model)`` that fills the gradients a data-driven criterion (Taylor, Hessian) reads."""
+    """A ``calibrate(model)`` that fills the gradients a data-driven criterion (Taylor, Hessian) reads.
+
+    In a distributed job each rank reads its own batches and the gradients are averaged over the ranks, so
+    every rank ranks the channels alike and prunes the same ones. The Hessian criterion keeps per-sample
+    statistics inside its importance object, which cannot be averaged: it is refused there."""
+    if method.per_sample_gradients and du.is_distributed():
+        raise PruningError(f"method={method.name} keeps per-sample statistics that cannot be synchronised across "
+                           "ranks; prune with one process (python -m main ...) or pick another method")
 
     def calibrate(model: torch.nn.Module) -> None:
         model.zero_grad(set_to_none=True)
@@ -116,6 +124,7 @@ def loss_gradients(method: PruningMethod, batches: Callable[[], Any], device: to
                     imp.accumulate_grad(model)
             else:
                 F.cross_entropy(model(x), y).backward()
+        du.average_gradients(model)
 
     return calibrate
 

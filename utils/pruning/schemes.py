@@ -20,6 +20,7 @@ import torch
 import torch_pruning as tp
 from omegaconf import DictConfig
 
+from utils import distributed as du
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import (PruningError, build_pruner, loss_gradients, max_speed_up, progressive_prune,
@@ -98,6 +99,7 @@ class ChannelScheme(PruningScheme):
                                f"{reachable:.2f}x); choose a smaller index=...")
 
     def prune(self, model, target, example, base_macs, batches, device, on_step=None) -> Dict[str, Any]:
+        du.sync_rng()  # a distributed job prunes on every rank in lockstep: random criteria must agree
         calibrate = loss_gradients(self.method, batches, device) if self.method.needs_gradients else None
         r = progressive_prune(model, target, self.method, example, base_macs=base_macs, calibrate=calibrate,
                               on_step=on_step)

@@ -1,4 +1,4 @@
-"""Unstructured pruning: global L1 magnitude and N:M sparsity of conv and linear weights (DESIGN.md 2.6).
+"""Unstructured pruning: global L1 magnitude and N:M sparsity of conv and linear weights (docs/design.md section 6).
 
 Pruned weights are set to exactly zero in the ordinary state dict (no re-parametrisation, so pruned networks
 still convert to graphs, save and reload like any other); fine-tuning keeps them zero by masking their
