@@ -10,23 +10,33 @@ network with their configured schedule instead; their metrics name their budget.
 is meta-trained once (seed ``benchmark.meta_seed``), its epoch chosen on validation curves
 (:func:`main.quickstart.select_epoch`) unless ``meta_epoch=`` is given.
 
+Each cell has two accuracies of the same pruned network: right after pruning, before any fine-tuning
+(``pruned_test_acc``, where criteria differ most), and after the equal fine-tuning budget (``test_acc``).
+For both, the table gives mean ± std over seeds and the paired difference against ``benchmark.compare_to``
+(same seed, same target network) with its 95% Student-t interval over seeds, marked where the interval
+excludes 0.
+
 Each finished cell (method, speed-up, seed) is saved as ``cells/<method>_x<speed-up>_seed<seed>.json``; a
 re-run skips finished cells. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
-``benchmark_table.md`` (test accuracy mean ± std per method and speed-up, with the reached speed-up) and
-``benchmark_acc_vs_speed_up.png/.pdf`` (also copied to ``paths.figures_dir``).
+``benchmark_summary.csv`` and ``benchmark_table.md`` (per target: both columns, with the reached speed-up),
+and ``benchmark_acc_vs_speed_up.png/.pdf`` (a panel per column, a band per method for the interval of its
+mean; also copied to ``paths.figures_dir``).
 """
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+from scipy.stats import t as student_t
 from tqdm import tqdm
 
+from data_loaders import build_datasets
 from main.quickstart import select_epoch, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from utils.io import atomic_write_json, atomic_write_text, read_json, write_csv
@@ -60,40 +70,92 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float]) -> Dict[str, Any]:
     return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir}
 
 
-def _summary_row(label: str, target: float, cells: List[Dict[str, Any]]) -> Dict[str, Any]:
-    def stats(key: str) -> tuple[float, float]:
-        values = [float(c[key]) for c in cells]
+# The two accuracies of every cell, measured on the same pruned network (run=pruning_final).
+COLUMNS = {"pruned_test_acc": "no fine-tuning", "test_acc": "fine-tuned"}
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> Tuple[float, float, float]:
+    """Mean of paired differences (one per seed) and its two-sided Student-t interval; NaN bounds for one seed."""
+    n, mean = len(diffs), statistics.mean(diffs)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def _summary_row(label: str, target: float, cells: List[Dict[str, Any]],
+                 reference: List[Dict[str, Any]] | None = None) -> Dict[str, Any]:
+    """Mean ± std over seeds of both accuracy columns, the reached speed-up, and for each column the paired
+    difference against the ``reference`` method's cells of the same seeds with its 95% interval."""
+    def stats(key: str, rows: List[Dict[str, Any]]) -> tuple[float | None, float | None]:
+        values = [float(c[key]) for c in rows if c.get(key) is not None]
+        if not values:
+            return None, None
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    (acc, acc_sd), (su, su_sd), (val, _) = stats("test_acc"), stats("speed_up"), stats("val_acc")
-    return {"method": label, "target_speed_up": target, "seeds": len(cells), "test_acc_mean": acc,
-            "test_acc_std": acc_sd, "speed_up_mean": su, "speed_up_std": su_sd, "val_acc_mean": val,
-            "base_test_acc_mean": statistics.mean(float(c["base_test_acc"]) for c in cells)}
+    (su, su_sd), (val, _) = stats("speed_up", cells), stats("val_acc", cells)
+    row = {"method": label, "target_speed_up": target, "seeds": len(cells), "speed_up_mean": su,
+           "speed_up_std": su_sd, "val_acc_mean": val,
+           "base_test_acc_mean": statistics.mean(float(c["base_test_acc"]) for c in cells)}
+    by_seed = {c["seed"]: c for c in reference or []}
+    for key in COLUMNS:
+        row[f"{key}_mean"], row[f"{key}_std"] = stats(key, cells)
+        diffs = [float(c[key]) - float(by_seed[c["seed"]][key]) for c in cells
+                 if c.get(key) is not None and by_seed.get(c["seed"], {}).get(key) is not None]
+        if reference is not None and diffs:
+            mean, lo, hi = paired_interval(diffs)
+            row.update({f"{key}_diff": mean, f"{key}_diff_lo": lo, f"{key}_diff_hi": hi,
+                        f"{key}_separated": bool(lo > 0 or hi < 0)})  # the interval excludes 0
+    return row
 
 
-def markdown(summary: List[Dict[str, Any]], targets: List[float]) -> str:
-    head = ["method", *(f"{t:g}x: test acc (speed-up)" for t in targets)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label in dict.fromkeys(r["method"] for r in summary):
-        cells = []
-        for t in targets:
-            r = next((r for r in summary if r["method"] == label and r["target_speed_up"] == t), None)
-            cells.append("-" if r is None else f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
-                         f"({r['speed_up_mean']:.2f}x)")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _cell(row: Dict[str, Any], key: str) -> str:
+    if row.get(f"{key}_mean") is None:
+        return "- | -"
+    diff = "-"
+    if f"{key}_diff" in row:
+        lo, hi = row[f"{key}_diff_lo"], row[f"{key}_diff_hi"]
+        diff = f"{row[f'{key}_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if row[f"{key}_separated"] else "")
+    return f"{row[f'{key}_mean']:.2f} ± {row[f'{key}_std']:.2f} | {diff}"
+
+
+def markdown(summary: List[Dict[str, Any]], targets: List[float], reference: str, test_images: int) -> str:
+    """One table per target: both columns, mean ± std over seeds, and the paired difference against
+    ``reference`` with its 95% interval (``*``: the interval excludes 0)."""
+    head = ["method", "speed-up"] + [f"{name}: {part}" for name in COLUMNS.values()
+                                     for part in ("test acc", f"vs {reference} [95% CI]")]
+    out = [f"Test split: {test_images} images, so one point is {test_images / 100:.2f} images. "
+           f"*: the paired 95% interval (t over seeds) of the difference to {reference} excludes 0.\n"]
+    for t in targets:
+        out += [f"\n**{t:g}x**\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in (r for r in summary if r["target_speed_up"] == t):
+            out.append(f"| {r['method']} | {r['speed_up_mean']:.2f}x | " +
+                       " | ".join(_cell(r, key) for key in COLUMNS) + " |")
+    return "\n".join(out) + "\n"
 
 
 def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["method"] for r in summary):
-        rows = sorted((r for r in summary if r["method"] == label), key=lambda r: r["speed_up_mean"])
-        ax.errorbar([r["speed_up_mean"] for r in rows], [r["test_acc_mean"] for r in rows],
-                    yerr=[r["test_acc_std"] for r in rows], marker="o", capsize=3, label=label)
-    ax.set(xlabel="speed-up (MACs of the unpruned network / MACs)", ylabel="test accuracy (%), mean ± std over seeds",
-           title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    """Accuracy vs reached speed-up, one panel per column, a line per method, a band for the 95% interval
+    of its mean over seeds."""
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(12, 4.5), sharex=True)
+    for ax, (key, name) in zip(axes, COLUMNS.items()):
+        for label in dict.fromkeys(r["method"] for r in summary):
+            rows = sorted((r for r in summary if r["method"] == label and r.get(f"{key}_mean") is not None),
+                          key=lambda r: r["speed_up_mean"])
+            if not rows:
+                continue
+            x = [r["speed_up_mean"] for r in rows]
+            y = [r[f"{key}_mean"] for r in rows]
+            half = [float(student_t.ppf(0.975, r["seeds"] - 1)) * r[f"{key}_std"] / math.sqrt(r["seeds"])
+                    if r["seeds"] > 1 else 0.0 for r in rows]
+            (line,) = ax.plot(x, y, marker="o", label=label)
+            ax.fill_between(x, [a - h for a, h in zip(y, half)], [a + h for a, h in zip(y, half)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set(xlabel="speed-up (MACs of the unpruned network / MACs)", ylabel="test accuracy (%)",
+               title=f"{name}: mean over seeds, 95% interval")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
     save_figure(fig, stem)
 
 
@@ -132,13 +194,17 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
         m = dispatch(stage_config(cfg, "pruning_final", **values))
         row = {"method": label, "target_speed_up": target, "seed": seed, "speed_up": m["speed_up"],
                "val_acc": m["val_acc"], "test_acc": m["test_acc"], "base_test_acc": m.get("base_test_acc"),
+               "pruned_val_acc": m.get("pruned_val_acc"), "pruned_test_acc": m.get("pruned_test_acc"),
                "macs": m["macs"], "params": m["params"], "latency_ms": m["latency"]["pruned"]["latency_ms"],
                "base_latency_ms": m["latency"]["base"]["latency_ms"], "seconds": round(time.time() - t, 1)}
         atomic_write_json(row, path)
         rows.append(row)
-    summary = [_summary_row(label, t, [r for r in rows if r["method"] == label and r["target_speed_up"] == t])
-               for label in methods for t in targets]
-    table = markdown(summary, targets)
+    compare = str(bench.get("compare_to", "group_l2_max"))
+    cells_of = {(label, t): [r for r in rows if r["method"] == label and r["target_speed_up"] == t]
+                for label in methods for t in targets}
+    summary = [_summary_row(label, t, cells_of[label, t], cells_of.get((compare, t)) if label != compare else None)
+               for t in targets for label in methods]
+    table = markdown(summary, targets, compare, len(build_datasets(cfg.dataset).test))
     timings["total_s"] = round(time.time() - t0, 1)
     write_csv(rows, ctx.run_dir / "benchmark_cells.csv")
     write_csv(summary, ctx.run_dir / "benchmark_summary.csv")

@@ -14,9 +14,11 @@ scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots
    network) reaches the target: never below it, at most one step above (unstructured methods,
    ``structure: unstructured``: ``target`` is the sparsity, the fraction of zeroed conv/linear weights,
    and fine-tuning keeps the zeros; see :mod:`utils.pruning.schemes`);
-3. fine-tunes again ("after pruning" schedule), evaluates once on test, saves the pruned network as
-   widths + state dict and writes ``metrics.json`` (accuracy of the base and pruned networks on val and
-   test, MACs, parameters, speed-up, measured latency of both on this device, seed, config, timings);
+3. evaluates the pruned network on val and test before any fine-tuning (``pruned_val_acc``,
+   ``pruned_test_acc``; reported, never selected on), fine-tunes again ("after pruning" schedule),
+   evaluates on test, saves the network as widths + state dict and writes ``metrics.json`` (accuracy of the
+   base and pruned networks on val and test, MACs, parameters, speed-up, measured latency of both on this
+   device, seed, config, timings);
    with ``export_onnx=true`` also ``model.onnx``, checked with onnxruntime (:mod:`main.export`).
 
 Every stage leaves a checkpoint in the run's folder, so an interrupted run continues where it stopped.
@@ -149,6 +151,8 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
         pruned = model
     else:
         timings.update(stage["timings"])
+    # the pruned network before its fine-tuning: where criteria (and Intra-Fusion's merging) differ most
+    no_finetune = {f"pruned_{k}": v for k, v in evaluate_splits(pruned, loaders, ctx, ("val", "test")).items()}
     # 3. after-pruning fine-tuning, one test evaluation, metrics
     t = time.time()
     train_stage(cfg, ctx, pruned, loaders, "finetune_after_pruning", out, seed,
@@ -159,7 +163,7 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     batch = torch.zeros(int(cfg.task.eval_batch_size), *example.shape[1:], device=ctx.device)
     metrics = {
         "task": cfg.task.name, "method": cfg.method.name, "metanetwork": cfg.metanetwork.name, "meta_epoch": epoch,
-        "reproduce_index": slot, f"target_{scheme.axis}": target, "axis": scheme.axis, "seed": seed, **base, **final,
+        "reproduce_index": slot, f"target_{scheme.axis}": target, "axis": scheme.axis, "seed": seed, **base, **no_finetune, **final,
         **measured, "base_macs": base_macs, "target_macs": base_counter(), "target_params": base_counter.params(),
         "base_params": int(info["base_params"]), "ranks": ctx.dist.world_size,
         "replica_checksums": du.replica_checksums(pruned),  # one per rank: equal when the ranks pruned alike

@@ -1,4 +1,5 @@
 """run=benchmark on tiny data: one cell per (method, speed-up, seed), a table with every cell, resumable."""
+import math
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def test_benchmark_fills_every_cell_and_a_rerun_skips_them(tmp_path, monkeypatch
     table = (Path(cfg.run_dir) / "benchmark_table.md").read_text()
     for label in METHODS:
         assert f"| {label} | " in table
+    assert all(c["pruned_test_acc"] is not None for c in result["cells"])  # both columns, same pruned network
     # the same target network (per seed) for every method: identical base accuracy across methods
     for seed in (0, 1):
         bases = {c["base_test_acc"] for c in result["cells"] if c["seed"] == seed}
@@ -54,7 +56,28 @@ def test_benchmark_rejects_unknown_methods_before_any_work(tmp_path):
         bm.benchmark(_bench_cfg(tmp_path, {"x": {"method": "group_l9"}}))
 
 
-def test_markdown_table_reports_mean_std_and_reached_speed_up():
-    cells = [{"test_acc": a, "speed_up": 2.0 + d, "val_acc": a, "base_test_acc": 90.0} for a, d in ((80, 0), (82, .1))]
-    table = markdown([bm._summary_row("m", 2.0, cells)], [2.0])
-    assert "| m | 81.00 ± 1.41 (2.05x) |" in table
+def _cells(accs, pruned=None):
+    pruned = pruned or [None] * len(accs)
+    return [{"seed": s, "test_acc": a, "pruned_test_acc": p, "speed_up": 2.0 + 0.1 * s, "val_acc": a,
+             "base_test_acc": 90.0} for s, (a, p) in enumerate(zip(accs, pruned))]
+
+
+def test_paired_interval_is_the_t_interval_of_the_mean_difference():
+    mean, lo, hi = bm.paired_interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, n 3: t(0.975, 2) = 4.303 -> half-width 4.303 / sqrt(3) = 2.484
+    assert mean == pytest.approx(2.0) and (lo, hi) == pytest.approx((2.0 - 2.4843, 2.0 + 2.4843), abs=1e-3)
+    assert all(map(math.isnan, bm.paired_interval([1.0])[1:]))
+
+
+def test_markdown_table_reports_both_columns_and_marks_separated_pairs():
+    reference = _cells([80, 81, 82, 83, 84], pruned=[10, 12, 11, 13, 12])
+    better = _cells([81, 82, 83, 84, 85], pruned=[40, 35, 45, 38, 42])  # +1 on every seed: sd 0, separated
+    noisy = _cells([70, 90, 75, 88, 80])  # no no-fine-tuning column (a width-search pipeline)
+    summary = [bm._summary_row("ref", 2.0, reference), bm._summary_row("better", 2.0, better, reference),
+               bm._summary_row("noisy", 2.0, noisy, reference)]
+    table = markdown(summary, [2.0], "ref", 359)
+    assert "359 images, so one point is 3.59 images" in table
+    assert "| ref | 2.20x | 11.60 ± 1.14 | - | 82.00 ± 1.58 | - |" in table
+    assert "| better | 2.20x | 40.00 ± 3.81 | +28.40 [" in table and table.count("] *") == 2
+    noisy_row = next(line for line in table.splitlines() if line.startswith("| noisy"))
+    assert noisy_row.startswith("| noisy | 2.20x | - | - | 80.60 ± 8.47 | -1.40 [") and "] *" not in noisy_row
