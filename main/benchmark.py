@@ -16,7 +16,14 @@ For both, the table gives mean ± std over seeds and the paired difference again
 (same seed, same target network) with its 95% Student-t interval over seeds, marked where the interval
 excludes 0.
 
-Each finished cell (method, speed-up, seed) is saved as ``cells/<method>_x<speed-up>_seed<seed>.json``; a
+A method entry may carry a ``grid`` (dotted config key -> values, e.g. ``{method.reg: [5e-4, 0.02, 0.05]}``):
+at every target, each grid point is run on the target network of ``benchmark.tune_seed`` and the one with
+the highest *validation* accuracy after the fine-tuning is used for every seed (the tuning seed's cell is
+reused). The choices and every point's validation accuracy are in ``benchmark.json`` (``tuning``) and under
+the table, and the tuning time is part of the total (``timings.tuning_s``). The metanetwork's one
+hyperparameter, its epoch, is chosen on validation curves as in the quickstart.
+
+Each finished cell (method, speed-up, seed[, grid point]) is saved as ``cells/<method>_x<speed-up>_seed<seed>.json``; a
 re-run skips finished cells. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
 ``benchmark_summary.csv`` and ``benchmark_table.md`` (per target: both columns, with the reached speed-up),
 and ``benchmark_acc_vs_speed_up.png/.pdf`` (a panel per column, a band per method for the interval of its
@@ -24,6 +31,7 @@ mean; also copied to ``paths.figures_dir``).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shutil
@@ -159,6 +167,67 @@ def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
     save_figure(fig, stem)
 
 
+def grid_points(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every combination of a method entry's ``grid`` (dotted key -> values); ``[{}]`` without a grid."""
+    grid = spec.get("grid") or {}
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def grid_tag(point: Dict[str, Any]) -> str:
+    """``{"method.reg": 0.05}`` -> ``reg0.05``: names the cell files and run directories of a grid point."""
+    def text(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    return "_".join(f"{key.split('.')[-1]}{text(value)}" for key, value in point.items())
+
+
+class _Cells:
+    """Runs and caches the cells of one benchmark: one ``run=pruning_final`` per method, target, seed and grid
+    point, on that seed's target network (trained once, with the reference criterion)."""
+
+    def __init__(self, cfg: DictConfig, cells_dir: Path, meta: Dict[str, Any] | None) -> None:
+        self.cfg, self.dir, self.meta = cfg, cells_dir, meta
+        self.slot, self.reference = int(cfg.benchmark.target_index), str(cfg.benchmark.reference_method)
+
+    def get(self, label: str, spec: Dict[str, Any], target: float, seed: int,
+            point: Dict[str, Any] | None = None) -> Dict[str, Any]:
+        tag = grid_tag(point or {})
+        path = self.dir / (f"{label}_x{target:g}_seed{seed}.json" if not tag else
+                           f"{label}_{tag}_x{target:g}_seed{seed}.json")
+        if path.exists():
+            return read_json(path)
+        target_cfg = stage_config(self.cfg, "pretrain_final", slot=self.slot, seed=seed, method=self.reference)
+        dispatch(target_cfg)  # trained once per seed, then found finished
+        values: Dict[str, Any] = dict(target=target, seed=seed, slot=self.slot, method=spec["method"],
+                                      final_targets_dir=str(target_cfg.final_targets_dir), **(point or {}))
+        if tag:  # its own run directory: the settings differ from the method's defaults
+            plain = stage_config(self.cfg, "pruning_final", method=spec["method"], seed=seed)
+            values["run_name"] = f"{plain.run_name}_{tag}"
+        if spec.get("metanetwork"):
+            values.update(meta_epoch=self.meta["epoch"], meta_train_dir=self.meta["meta_train_dir"])
+        else:
+            values["metanetwork"] = "none"
+        t = time.time()
+        m = dispatch(stage_config(self.cfg, "pruning_final", **values))
+        row = {"method": label, "target_speed_up": target, "seed": seed, "grid": point or {}, "speed_up": m["speed_up"],
+               "val_acc": m["val_acc"], "test_acc": m["test_acc"], "base_test_acc": m.get("base_test_acc"),
+               "pruned_val_acc": m.get("pruned_val_acc"), "pruned_test_acc": m.get("pruned_test_acc"),
+               "macs": m["macs"], "params": m["params"], "latency_ms": m["latency"]["pruned"]["latency_ms"],
+               "base_latency_ms": m["latency"]["base"]["latency_ms"], "seconds": round(time.time() - t, 1)}
+        atomic_write_json(row, path)
+        return row
+
+
+def tune(cells: _Cells, label: str, spec: Dict[str, Any], target: float, seed: int) -> Dict[str, Any]:
+    """The grid point with the highest *validation* accuracy after the fine-tuning, on ``seed``'s target network
+    (ties: the first point); the test split plays no part. Returns the choice and every point's figure."""
+    tried = [(point, cells.get(label, spec, target, seed, point)) for point in grid_points(spec)]
+    chosen, row = max(tried, key=lambda pr: pr[1]["val_acc"])
+    return {"method": label, "target_speed_up": target, "seed": seed, "chosen": chosen,
+            "val_acc": {grid_tag(p): r["val_acc"] for p, r in tried},
+            "seconds": round(sum(r["seconds"] for _, r in tried), 1)}
+
+
 @RUN_MODES.register("benchmark")
 def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
@@ -169,48 +238,38 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     if not methods or not targets or not seeds:
         raise ConfigError("benchmark.methods, benchmark.speed_ups and benchmark.seeds must not be empty")
     for label, spec in methods.items():  # fail on a typo before hours of work
-        stage_config(cfg, "pruning_final", method=spec["method"])
+        for point in grid_points(spec):
+            stage_config(cfg, "pruning_final", method=spec["method"], **point)
     t0, timings = time.time(), {}
     meta = _metanetwork(cfg, timings) if any(s.get("metanetwork") for s in methods.values()) else None
-    slot, reference = int(bench.target_index), str(bench.reference_method)
-    cells_dir = ctx.run_dir / "cells"
-    rows: List[Dict[str, Any]] = []
+    cells = _Cells(cfg, ctx.run_dir / "cells", meta)
+    tune_seed = int(bench.get("tune_seed", seeds[0]))
+    t = time.time()
+    tuning = [tune(cells, label, spec, target, tune_seed) for label, spec in methods.items() if spec.get("grid")
+              for target in targets]
+    timings["tuning_s"] = round(time.time() - t, 1)
+    chosen = {(r["method"], r["target_speed_up"]): r["chosen"] for r in tuning}
+    for r in tuning:
+        log.info("benchmark: %s at %gx: %s chosen on validation (seed %d; %s)", r["method"], r["target_speed_up"],
+                 grid_tag(r["chosen"]), tune_seed, r["val_acc"])
     todo = [(label, t, s) for s in seeds for t in targets for label in methods]
-    for label, target, seed in tqdm(todo, desc="benchmark cells", disable=not cfg.progress):
-        path = cells_dir / f"{label}_x{target:g}_seed{seed}.json"
-        if path.exists():
-            rows.append(read_json(path))
-            continue
-        spec = methods[label]
-        target_cfg = stage_config(cfg, "pretrain_final", slot=slot, seed=seed, method=reference)
-        dispatch(target_cfg)  # trained once per seed, then found finished
-        values: Dict[str, Any] = dict(target=target, seed=seed, slot=slot, method=spec["method"],
-                                      final_targets_dir=str(target_cfg.final_targets_dir))
-        if spec.get("metanetwork"):
-            values.update(meta_epoch=meta["epoch"], meta_train_dir=meta["meta_train_dir"])
-        else:
-            values["metanetwork"] = "none"
-        t = time.time()
-        m = dispatch(stage_config(cfg, "pruning_final", **values))
-        row = {"method": label, "target_speed_up": target, "seed": seed, "speed_up": m["speed_up"],
-               "val_acc": m["val_acc"], "test_acc": m["test_acc"], "base_test_acc": m.get("base_test_acc"),
-               "pruned_val_acc": m.get("pruned_val_acc"), "pruned_test_acc": m.get("pruned_test_acc"),
-               "macs": m["macs"], "params": m["params"], "latency_ms": m["latency"]["pruned"]["latency_ms"],
-               "base_latency_ms": m["latency"]["base"]["latency_ms"], "seconds": round(time.time() - t, 1)}
-        atomic_write_json(row, path)
-        rows.append(row)
+    rows = [cells.get(label, methods[label], target, seed, chosen.get((label, target)))
+            for label, target, seed in tqdm(todo, desc="benchmark cells", disable=not cfg.progress)]
     compare = str(bench.get("compare_to", "group_l2_max"))
     cells_of = {(label, t): [r for r in rows if r["method"] == label and r["target_speed_up"] == t]
                 for label in methods for t in targets}
     summary = [_summary_row(label, t, cells_of[label, t], cells_of.get((compare, t)) if label != compare else None)
                for t in targets for label in methods]
     table = markdown(summary, targets, compare, len(build_datasets(cfg.dataset).test))
+    if tuning:
+        table += "\nChosen on the validation accuracy of seed " + f"{tune_seed}'s cells: " + "; ".join(
+            f"{r['method']} {grid_tag(r['chosen'])} at {r['target_speed_up']:g}x" for r in tuning) + ".\n"
     timings["total_s"] = round(time.time() - t0, 1)
     write_csv(rows, ctx.run_dir / "benchmark_cells.csv")
     write_csv(summary, ctx.run_dir / "benchmark_summary.csv")
     atomic_write_text(table, ctx.run_dir / "benchmark_table.md")
-    result = {"table": table, "summary": summary, "cells": rows, "timings": timings, "task": cfg.task.name,
-              "metanetwork_epoch": meta and meta["epoch"], "seeds": seeds}
+    result = {"table": table, "summary": summary, "cells": rows, "tuning": tuning, "timings": timings,
+              "task": cfg.task.name, "metanetwork_epoch": meta and meta["epoch"], "seeds": seeds}
     atomic_write_json(result, ctx.run_dir / "benchmark.json")
     stem = ctx.run_dir / "benchmark_acc_vs_speed_up"
     plot(summary, stem, f"{cfg.task.name}: {len(seeds)} seeds, equal fine-tuning budgets")

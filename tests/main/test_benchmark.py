@@ -51,6 +51,31 @@ def test_benchmark_fills_every_cell_and_a_rerun_skips_them(tmp_path, monkeypatch
     assert "pruning_final" not in calls and again["cells"] == result["cells"]
 
 
+def test_a_grid_is_chosen_on_validation_once_and_used_for_every_seed(tmp_path, monkeypatch):
+    calls = []
+    real = bm.dispatch
+    monkeypatch.setattr(bm, "dispatch", lambda cfg: calls.append(cfg.run) or real(cfg))
+    methods = {"group_l2_max": {"method": "group_l2_max"},
+               "sparse_learning": {"method": "sparse_learning", "grid": {"method.reg": [5e-4, 0.2]}}}
+    result = bm.benchmark(_bench_cfg(tmp_path, methods))
+    assert calls.count("pruning_final") == 2 + 2 + 1  # group_l2 x 2 seeds, the grid on seed 0, the choice on seed 1
+    (tuning,) = result["tuning"]
+    assert set(tuning["val_acc"]) == {"reg0.0005", "reg0.2"}
+    best = max(tuning["val_acc"], key=tuning["val_acc"].get)
+    assert bm.grid_tag(tuning["chosen"]) == best  # chosen by validation accuracy
+    sl = [c for c in result["cells"] if c["method"] == "sparse_learning"]
+    assert [c["grid"] for c in sl] == [tuning["chosen"]] * 2 and f"sparse_learning {best} at 1.5x" in result["table"]
+    calls.clear()
+    assert bm.benchmark(_bench_cfg(tmp_path, methods))["cells"] == result["cells"] and "pruning_final" not in calls
+
+
+def test_grid_points_and_tags():
+    assert bm.grid_points({}) == [{}] and bm.grid_tag({}) == ""
+    points = bm.grid_points({"grid": {"method.reg": [0.02, 0.05], "method.p": [1]}})
+    assert points == [{"method.reg": 0.02, "method.p": 1}, {"method.reg": 0.05, "method.p": 1}]
+    assert bm.grid_tag(points[1]) == "reg0.05_p1"
+
+
 def test_benchmark_rejects_unknown_methods_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="method=group_l9: no such option; valid: .*group_l2_max"):
         bm.benchmark(_bench_cfg(tmp_path, {"x": {"method": "group_l9"}}))
