@@ -167,6 +167,9 @@ def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
     save_figure(fig, stem)
 
 
+_MISSING = object()
+
+
 def grid_points(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every combination of a method entry's ``grid`` (dotted key -> values); ``[{}]`` without a grid."""
     grid = spec.get("grid") or {}
@@ -238,8 +241,11 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     if not methods or not targets or not seeds:
         raise ConfigError("benchmark.methods, benchmark.speed_ups and benchmark.seeds must not be empty")
     for label, spec in methods.items():  # fail on a typo before hours of work
-        for point in grid_points(spec):
-            stage_config(cfg, "pruning_final", method=spec["method"], **point)
+        plain = stage_config(cfg, "pruning_final", method=spec["method"])
+        for key in spec.get("grid") or {}:
+            if OmegaConf.select(plain, key, default=_MISSING) is _MISSING:
+                raise ConfigError(f"benchmark.methods.{label}.grid: {key} is not a setting of method={spec['method']}; "
+                                  f"valid method keys: {', '.join(sorted(plain.method))}")
     t0, timings = time.time(), {}
     meta = _metanetwork(cfg, timings) if any(s.get("metanetwork") for s in methods.values()) else None
     cells = _Cells(cfg, ctx.run_dir / "cells", meta)

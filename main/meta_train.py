@@ -243,7 +243,7 @@ def meta_step(optimizer: torch.optim.Optimizer, metanet: torch.nn.Module, name: 
 
 @dataclass
 class MetaState:
-    """AdamW + MultiStepLR of meta-training and where it (re)starts; shared by ``main_imagenet``."""
+    """The meta-optimiser and its schedule, and where meta-training (re)starts."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -265,7 +265,7 @@ class MetaState:
                                                          gamma=float(mt.get("gamma", 0.1)))
         epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
         state = cls(optimizer, scheduler, epochs, 0, [], [], path, task_budget(mt))
-        if cfg.resume and path.exists():  # every rank (main_imagenet) reads the same file
+        if cfg.resume and path.exists():  # every rank of a job reads the same file
             ckpt = load_checkpoint(path, map_location=ctx.device)
             if ckpt["fingerprint"] != fingerprint:
                 raise CheckpointError(f"{path} belongs to a meta-training with other settings (or another number "

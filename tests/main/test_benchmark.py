@@ -69,6 +69,13 @@ def test_a_grid_is_chosen_on_validation_once_and_used_for_every_seed(tmp_path, m
     assert bm.benchmark(_bench_cfg(tmp_path, methods))["cells"] == result["cells"] and "pruning_final" not in calls
 
 
+def test_a_grid_key_that_is_no_setting_is_refused_before_any_work(tmp_path):
+    methods = {"sparse_learning": {"method": "sparse_learning", "grid": {"method.rge": [0.02]}}}
+    with pytest.raises(ConfigError, match="method.rge is not a setting of method=sparse_learning; valid .*reg"):
+        bm.benchmark(_bench_cfg(tmp_path, methods))
+    assert not list(tmp_path.glob("data_models/*"))  # nothing was generated
+
+
 def test_grid_points_and_tags():
     assert bm.grid_points({}) == [{}] and bm.grid_tag({}) == ""
     points = bm.grid_points({"grid": {"method.reg": [0.02, 0.05], "method.p": [1]}})
