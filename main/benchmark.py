@@ -8,7 +8,7 @@ task are the same for all (the "no metanetwork" baselines fine-tune for the afte
 Methods with their own pipeline (MetaPruning, Rewarded meta-pruning) search widths and train the found
 network with their configured schedule instead; their metrics name their budget. The graph metanetwork
 is meta-trained once (seed ``benchmark.meta_seed``), its epoch chosen on validation curves
-(:func:`main.quickstart.select_epoch`) unless ``meta_epoch=`` is given.
+(:func:`main.quickstart.selected_epoch`) unless ``meta_epoch=`` is given.
 
 Each cell has two accuracies of the same pruned network: right after pruning, before any fine-tuning
 (``pruned_test_acc``, where criteria differ most), and after the equal fine-tuning budget (``test_acc``).
@@ -23,6 +23,14 @@ reused). The choices and every point's validation accuracy are in ``benchmark.js
 the table, and the tuning time is part of the total (``timings.tuning_s``). The metanetwork's one
 hyperparameter, its epoch, is chosen on validation curves as in the quickstart.
 
+With ``benchmark.workers: N`` (N > 1) the cells run in N worker processes at once, each with
+``threads`` torch threads (default: the CPU count over N) and its log in ``cells/worker_<pid>.log``; the
+target networks are trained first, one seed per worker, and the tuning cells before the others. A cell's
+numbers do not depend on how many run beside it (each has its run directory and seeds its generators),
+as long as the thread count per cell is the same (``tests/main/test_benchmark.py`` checks that two
+workers give the cells of one, bit for bit). Small networks use two threads poorly, so on a 2-core CPU two
+single-threaded workers finish the cells sooner (measured in the README, "Comparing methods").
+
 Each finished cell (method, speed-up, seed[, grid point]) is saved as ``cells/<method>_x<speed-up>_seed<seed>.json``; a
 re-run skips finished cells. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
 ``benchmark_summary.csv`` and ``benchmark_table.md`` (per target: both columns, with the reached speed-up),
@@ -34,9 +42,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import multiprocessing
+import os
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -45,7 +56,7 @@ from scipy.stats import t as student_t
 from tqdm import tqdm
 
 from data_loaders import build_datasets
-from main.quickstart import select_epoch, stage_config
+from main.quickstart import selected_epoch, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from utils.io import atomic_write_json, atomic_write_text, read_json, write_csv
 from utils.plotting import plt, save_figure
@@ -72,7 +83,7 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float]) -> Dict[str, Any]:
         epoch, scores = int(cfg.meta_epoch), {}
     else:
         vis = dispatch(stage_config(cfg, "visualize", epochs=_candidate_epochs(cfg), **ref))
-        epoch, scores = select_epoch(vis["curves"], vis.get("reference_val_acc"))
+        epoch, scores = selected_epoch(cfg, vis)
     timings["metanetwork_s"] = round(time.time() - t, 1)
     log.info("benchmark: metanetwork epoch %d from %s", epoch, meta_dir)
     return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir}
@@ -192,15 +203,23 @@ class _Cells:
         self.cfg, self.dir, self.meta = cfg, cells_dir, meta
         self.slot, self.reference = int(cfg.benchmark.target_index), str(cfg.benchmark.reference_method)
 
+    def path(self, label: str, target: float, seed: int, point: Dict[str, Any] | None = None) -> Path:
+        tag = grid_tag(point or {})
+        return self.dir / (f"{label}_x{target:g}_seed{seed}.json" if not tag else
+                           f"{label}_{tag}_x{target:g}_seed{seed}.json")
+
+    def target_network(self, seed: int) -> DictConfig:
+        """The config of ``seed``'s target network, trained on the first call and then found finished."""
+        target_cfg = stage_config(self.cfg, "pretrain_final", slot=self.slot, seed=seed, method=self.reference)
+        dispatch(target_cfg)
+        return target_cfg
+
     def get(self, label: str, spec: Dict[str, Any], target: float, seed: int,
             point: Dict[str, Any] | None = None) -> Dict[str, Any]:
-        tag = grid_tag(point or {})
-        path = self.dir / (f"{label}_x{target:g}_seed{seed}.json" if not tag else
-                           f"{label}_{tag}_x{target:g}_seed{seed}.json")
+        tag, path = grid_tag(point or {}), self.path(label, target, seed, point)
         if path.exists():
             return read_json(path)
-        target_cfg = stage_config(self.cfg, "pretrain_final", slot=self.slot, seed=seed, method=self.reference)
-        dispatch(target_cfg)  # trained once per seed, then found finished
+        target_cfg = self.target_network(seed)
         values: Dict[str, Any] = dict(target=target, seed=seed, slot=self.slot, method=spec["method"],
                                       final_targets_dir=str(target_cfg.final_targets_dir), **(point or {}))
         if tag:  # its own run directory: the settings differ from the method's defaults
@@ -219,6 +238,49 @@ class _Cells:
                "base_latency_ms": m["latency"]["base"]["latency_ms"], "seconds": round(time.time() - t, 1)}
         atomic_write_json(row, path)
         return row
+
+
+def _worker_job(cfg: DictConfig, cells_dir: str, meta: Dict[str, Any] | None, job: tuple) -> Any:
+    """One job in a worker process: ``("target", seed)`` or ``("cell", label, spec, target, seed, point)``."""
+    root = logging.getLogger()
+    if not root.handlers:  # a fresh (spawned) process: its own log file next to the cells
+        handler = logging.FileHandler(Path(cells_dir) / f"worker_{os.getpid()}.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    cells = _Cells(cfg, Path(cells_dir), meta)
+    if job[0] == "target":
+        cells.target_network(job[1])
+        return None
+    return cells.get(*job[1:])
+
+
+def run_jobs(cells: _Cells, jobs: List[tuple], workers: int, desc: str, progress: bool) -> List[Any]:
+    """Run ``jobs`` (see :func:`_worker_job`) here, or in ``workers`` processes; results in the jobs' order.
+    A job that fails stops the run with its error once the jobs already running have finished (their
+    cells are saved, so a re-run does not repeat them)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [_worker_job(cells.cfg, str(cells.dir), cells.meta, job)
+                for job in tqdm(jobs, desc=desc, disable=not progress)]
+    results: List[Any] = [None] * len(jobs)
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_worker_job, cells.cfg, str(cells.dir), cells.meta, job): i for i, job in enumerate(jobs)}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+                results[futures[future]] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def worker_config(cfg: DictConfig, workers: int) -> DictConfig:
+    """``cfg`` for the cells of ``workers`` processes: ``threads`` defaults to the CPU count over them."""
+    if workers <= 1 or cfg.get("threads") is not None:
+        return cfg
+    return stage_config(cfg, str(cfg.run), threads=max(1, (os.cpu_count() or 1) // workers))
 
 
 def tune(cells: _Cells, label: str, spec: Dict[str, Any], target: float, seed: int) -> Dict[str, Any]:
@@ -246,11 +308,21 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
             if OmegaConf.select(plain, key, default=_MISSING) is _MISSING:
                 raise ConfigError(f"benchmark.methods.{label}.grid: {key} is not a setting of method={spec['method']}; "
                                   f"valid method keys: {', '.join(sorted(plain.method))}")
+    workers = int(bench.get("workers", 1))
+    if workers < 1:
+        raise ConfigError(f"benchmark.workers={workers}: the number of cell processes is >= 1")
     t0, timings = time.time(), {}
     meta = _metanetwork(cfg, timings) if any(s.get("metanetwork") for s in methods.values()) else None
-    cells = _Cells(cfg, ctx.run_dir / "cells", meta)
+    cells = _Cells(worker_config(cfg, workers), ctx.run_dir / "cells", meta)
+    cells.dir.mkdir(parents=True, exist_ok=True)
     tune_seed = int(bench.get("tune_seed", seeds[0]))
+    progress = bool(cfg.progress)
     t = time.time()
+    if workers > 1:  # the target networks first (one per seed), then the grids, in parallel
+        run_jobs(cells, [("target", s) for s in seeds], workers, "target networks", progress)
+        run_jobs(cells, [("cell", label, spec, target, tune_seed, point) for label, spec in methods.items()
+                         if spec.get("grid") for target in targets for point in grid_points(spec)
+                         if not cells.path(label, target, tune_seed, point).exists()], workers, "tuning cells", progress)
     tuning = [tune(cells, label, spec, target, tune_seed) for label, spec in methods.items() if spec.get("grid")
               for target in targets]
     timings["tuning_s"] = round(time.time() - t, 1)
@@ -258,9 +330,9 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     for r in tuning:
         log.info("benchmark: %s at %gx: %s chosen on validation (seed %d; %s)", r["method"], r["target_speed_up"],
                  grid_tag(r["chosen"]), tune_seed, r["val_acc"])
-    todo = [(label, t, s) for s in seeds for t in targets for label in methods]
-    rows = [cells.get(label, methods[label], target, seed, chosen.get((label, target)))
-            for label, target, seed in tqdm(todo, desc="benchmark cells", disable=not cfg.progress)]
+    todo = [("cell", label, methods[label], t, s, chosen.get((label, t))) for s in seeds for t in targets
+            for label in methods]
+    rows = run_jobs(cells, todo, workers, "benchmark cells", progress)
     compare = str(bench.get("compare_to", "group_l2_max"))
     cells_of = {(label, t): [r for r in rows if r["method"] == label and r["target_speed_up"] == t]
                 for label in methods for t in targets}
@@ -275,7 +347,8 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     write_csv(summary, ctx.run_dir / "benchmark_summary.csv")
     atomic_write_text(table, ctx.run_dir / "benchmark_table.md")
     result = {"table": table, "summary": summary, "cells": rows, "tuning": tuning, "timings": timings,
-              "task": cfg.task.name, "metanetwork_epoch": meta and meta["epoch"], "seeds": seeds}
+              "task": cfg.task.name, "metanetwork_epoch": meta and meta["epoch"], "seeds": seeds, "workers": workers,
+              "threads": cells.cfg.get("threads")}
     atomic_write_json(result, ctx.run_dir / "benchmark.json")
     stem = ctx.run_dir / "benchmark_acc_vs_speed_up"
     plot(summary, stem, f"{cfg.task.name}: {len(seeds)} seeds, equal fine-tuning budgets")

@@ -6,8 +6,9 @@ directory, so every stage is resumable and can be re-run or inspected on its own
 1. ``generate``: the task's data models (``task.data_models.num``, one shard);
 2. ``meta_train``: the metanetwork, one checkpoint per epoch;
 3. ``visualize epochs=<task.quickstart.epochs>``: accuracy-vs-speed-up curves on a *validation* data model;
-   the metanetwork epoch whose curve has the highest knee (ties: the highest mean validation accuracy over
-   the speed-up range) is selected (epoch 0, no metanetwork, is drawn for reference but never selected);
+   the metanetwork epoch is selected on them (:func:`select_epoch`, by ``task.visualize.select_by``: the
+   highest knee, or the best validation accuracy once pruned to ``task.visualize.select_target`` and
+   fine-tuned); epoch 0, no metanetwork, is measured for reference but never selected;
 4. ``pretrain_final slot=<task.quickstart.target_index>``: a fresh target network, trained like a data model;
 5. ``pruning_final`` at every ``task.pruning.target_speed_ups``, with the selected metanetwork and with
    ``metanetwork=none`` (the identical pipeline and budget without it).
@@ -67,12 +68,16 @@ def curve_score(points: List[Dict[str, float]], lo: float, hi: float) -> float:
     return float(np.interp(grid, x, y).mean())
 
 
-def select_epoch(curves: Dict[int, List[Dict[str, float]]],
-                 reference: float | None = None) -> tuple[int, Dict[int, float]]:
-    """The metanetwork epoch (> 0) whose curve keeps its accuracy to the highest speed-up: the largest knee
+def select_epoch(curves: Dict[int, List[Dict[str, float]]], reference: float | None = None,
+                 target_acc: Dict[int, float] | None = None, by: str = "knee") -> tuple[int, Dict[int, float]]:
+    """The selected metanetwork epoch (> 0) and every epoch's score.
+
+    ``by="knee"``: the epoch whose curve keeps its accuracy to the highest speed-up: the largest knee
     (:func:`main.visualize.knee`, against ``reference``, the original network's validation accuracy; without
-    it, against the start of the epoch-0 curve), ties broken by the
-    :func:`curve_score` over the range all curves cover. Returns the epoch and every epoch's score.
+    it, against the start of the epoch-0 curve), ties broken by the :func:`curve_score` over the range all
+    curves cover (the score returned). ``by="target"``: the epoch whose validation data model, pruned to
+    ``task.visualize.select_target`` and fine-tuned, is most accurate on validation (``target_acc``, the
+    score returned), ties broken by the knee.
 
     (Mean accuracy alone can prefer a flat curve that starts low: a metanetwork whose output network did not
     recover in the after-metanetwork fine-tune, at 47% from the first pruning step, beat a curve that held 95%
@@ -85,7 +90,21 @@ def select_epoch(curves: Dict[int, List[Dict[str, float]]],
     candidates = [e for e in scores if e > 0]
     if not candidates:
         raise ValueError("task.quickstart.epochs needs at least one metanetwork epoch > 0")
-    return max(candidates, key=lambda e: (round(knee_of[e], 6), scores[e])), scores
+    if by == "knee":
+        return max(candidates, key=lambda e: (round(knee_of[e], 6), scores[e])), scores
+    if by != "target":
+        raise ConfigError(f"task.visualize.select_by={by!r}: choose knee or target")
+    target_acc = {int(e): float(a) for e, a in (target_acc or {}).items()}
+    if any(e not in target_acc for e in candidates):
+        raise ConfigError("task.visualize.select_by=target needs task.visualize.select_target (a speed-up), so "
+                          "that run=visualize prunes and fine-tunes each epoch's network to it")
+    return max(candidates, key=lambda e: (round(target_acc[e], 6), round(knee_of[e], 6))), target_acc
+
+
+def selected_epoch(cfg: DictConfig, vis: Dict[str, Any]) -> tuple[int, Dict[int, float]]:
+    """:func:`select_epoch` on the result of ``run=visualize``, by ``task.visualize.select_by``."""
+    return select_epoch(vis["curves"], vis.get("reference_val_acc"), vis.get("target_val_acc"),
+                        str(cfg.task.visualize.get("select_by", "knee")))
 
 
 def _row(variant: str, m: Dict[str, Any]) -> Dict[str, Any]:
@@ -144,11 +163,11 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     timed("meta_train", stage_config(cfg, "meta_train"))
     epochs = sorted({0, *map(int, qs.epochs)})
     vis = timed("visualize", stage_config(cfg, "visualize", epochs=epochs))
-    epoch, scores = select_epoch(vis["curves"], vis.get("reference_val_acc"))
-    knee_of = vis["knees"]
-    log.info("quickstart: selected metanetwork epoch %d (mean val acc over the curve %.2f, knee %.2fx; no "
-             "metanetwork %.2f, knee %.2fx)", epoch, scores[epoch], knee_of[epoch], scores.get(0, float("nan")),
-             knee_of.get(0, float("nan")))
+    epoch, scores = selected_epoch(cfg, vis)
+    knee_of, at_target = vis["knees"], vis.get("target_val_acc") or {}
+    log.info("quickstart: selected metanetwork epoch %d by %s (score %.2f, knee %.2fx; no metanetwork %.2f, "
+             "knee %.2fx)", epoch, cfg.task.visualize.get("select_by", "knee"), scores[epoch], knee_of[epoch],
+             scores.get(0, float("nan")), knee_of.get(0, float("nan")))
     slot = int(qs.target_index)
     timed("pretrain_final", stage_config(cfg, "pretrain_final", slot=slot))
     rows = []
@@ -163,7 +182,12 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     knee_line = "knee (val acc < 80% of the original's, no fine-tuning): " + ", ".join(
         f"{'no metanetwork' if e == 0 else f'epoch {e}'} {k:.2f}x" for e, k in sorted(knee_of.items()))
     table += "\n" + knee_line + "\n"
-    summary = {"selected_epoch": epoch, "epoch_scores": scores, "knees": knee_of, "rows": rows, "timings": timings,
+    if at_target:
+        table += (f"val acc of the validation data model pruned to {float(cfg.task.visualize.select_target):g}x "
+                  "and fine-tuned: " + ", ".join(f"{'no metanetwork' if e == 0 else f'epoch {e}'} {a:.2f}"
+                                                 for e, a in sorted(at_target.items())) + "\n")
+    summary = {"selected_epoch": epoch, "selected_by": str(cfg.task.visualize.get("select_by", "knee")),
+               "epoch_scores": scores, "knees": knee_of, "target_val_acc": at_target, "rows": rows, "timings": timings,
                "method": cfg.method.name, "task": cfg.task.name, "seed": int(cfg.seed)}
     atomic_write_json(summary, ctx.run_dir / "quickstart_results.json")
     write_csv(rows, ctx.run_dir / "quickstart_results.csv")

@@ -8,9 +8,17 @@ recorded against the speed-up (relative to the unpruned network) up to ``task.vi
 A flatter curve that keeps its accuracy to a higher speed-up is a better metanetwork. Each curve is cached
 as JSON next to its fingerprint (settings and checkpoint digest), so a re-run only re-plots; all curves are
 drawn in one figure (PNG and PDF). The test split is never used here.
+
+With ``task.visualize.select_target`` set (a speed-up, e.g. the hardest target of the task), each epoch's
+fine-tuned network is also pruned, in a copy, straight to that target and fine-tuned with the "after
+pruning" schedule, exactly as ``run=pruning_final`` would; its validation accuracy is recorded as
+``target_val_acc``. ``task.visualize.select_by: target`` then selects the epoch on it instead of the knee
+(:func:`main.quickstart.select_epoch`): the knee measures pruning without fine-tuning, which on digits
+does not predict the accuracy once pruned and fine-tuned.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -59,6 +67,9 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
                       after_backward=scheme.finetune_hook(model, example, "finetune_after_metanetwork"))
     model.eval()
     base_macs = int(item.info["base_macs"])
+    # a copy for select_target, pruned after the curve (which prunes the network itself) so that the curve
+    # sees the same random state with and without it
+    probe = copy.deepcopy(model) if vis.get("select_target") is not None else None
     limit = scheme.curve_limit(vis)
     every = int(vis.eval_every) if scheme.axis == "speed_up" else 1  # unstructured curves have few, coarse steps
     points: List[Dict[str, float]] = []
@@ -70,8 +81,26 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
 
     record(0, scheme.position(model, example, base_macs))
     result = scheme.prune(model, limit, example, base_macs, lambda: iter(loaders["train"]), ctx.device, on_step=record)
-    return {"epoch": epoch, "slot": item.slot, "finetune_val_acc": fit.selected_val.get("acc"),
-            "axis": scheme.axis, "points": points, "pruning_steps": result["steps"]}
+    out = {"epoch": epoch, "slot": item.slot, "finetune_val_acc": fit.selected_val.get("acc"),
+           "axis": scheme.axis, "points": points, "pruning_steps": result["steps"]}
+    if probe is not None:
+        out["target"] = pruned_and_finetuned(cfg, ctx, probe, float(vis.select_target), example, base_macs, loaders,
+                                             out_dir / f"epoch_{epoch:03d}_at_target", seed)
+    return out
+
+
+def pruned_and_finetuned(cfg: DictConfig, ctx, model: torch.nn.Module, target: float, example: torch.Tensor,
+                         base_macs: int, loaders, run_dir: Path, seed: int) -> Dict[str, Any]:
+    """Prune ``model`` to ``target`` with the method's criterion and fine-tune it ("after pruning"
+    schedule) as ``run=pruning_final`` does; validation accuracy before and after that fine-tuning."""
+    scheme = scheme_for(cfg.method)
+    result = scheme.prune(model, target, example, base_macs, lambda: iter(loaders["train"]), ctx.device)
+    before = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
+    train_stage(cfg, ctx, model, loaders, "finetune_after_pruning", run_dir, seed,
+                after_backward=scheme.finetune_hook(model, example, "finetune_after_pruning"))
+    after = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
+    return {"target": target, scheme.axis: scheme.position(model, example, base_macs),
+            "pruned_val_acc": before, "val_acc": after, "pruning_steps": result["steps"]}
 
 
 KNEE_FRACTION = 0.8  # the knee: where accuracy first falls below this fraction of the original network's
@@ -107,12 +136,20 @@ def knees(curves: Dict[int, Dict[str, Any]], reference: float | None = None) -> 
 def visualize(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
     epochs = _epochs(cfg)
+    vis = cfg.task.visualize
+    by = str(vis.get("select_by", "knee"))
+    if by not in ("knee", "target") or (by == "target" and vis.get("select_target") is None):
+        raise ConfigError(f"task.visualize.select_by={by}: choose knee, or target together with "
+                          "task.visualize.select_target=<speed-up> (e.g. the task's hardest target)")
     val_set = load_data_models(cfg, "val")
     slot_index = int(cfg.task.visualize.get("data_model", 0))
     item = val_set[slot_index]
     for epoch in epochs:  # fail before any work when a checkpoint is missing
         load_metanetwork(cfg, item.graph, epoch, ctx.device)
     splits, loaders = data_for(cfg, ctx)
+    if vis.get("select_target") is not None:  # or an unreachable target
+        scheme_for(cfg.method).check_target(graph_to_model(item.graph).to(ctx.device), float(vis.select_target),
+                                            example_input(splits, ctx.device), int(item.info["base_macs"]))
     curves: Dict[int, Dict[str, Any]] = {}
     for epoch in epochs:
         cache = ctx.run_dir / f"curve_epoch_{epoch:03d}.json"
@@ -122,6 +159,9 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
             "visualize": OmegaConf.to_container(cfg.task.visualize, resolve=True), "limits": vars(ctx.limits),
             "checkpoint": _digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch else "",
         }
+        if vis.get("select_target") is not None:
+            fingerprint["after_pruning"] = OmegaConf.to_container(cfg.task.schedules.finetune_after_pruning,
+                                                                  resolve=True)
         if cfg.method.name == "sparse_learning":  # curves cached before its fine-tuning was regularised are stale
             fingerprint["finetune"] = "regularized"
         if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
@@ -136,12 +176,16 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
     for e in epochs:
         log.info("epoch %d: knee at %.3f (%s where val acc falls below %.0f%% of the original's)", e, knee_of[e],
                  axis, 100 * KNEE_FRACTION)
+    at_target = {e: c["target"]["val_acc"] for e, c in curves.items() if "target" in c}
+    for e, acc in at_target.items():
+        log.info("epoch %d: val acc %.2f once pruned to %gx and fine-tuned", e, acc, float(vis.select_target))
     atomic_write_json({"fraction": KNEE_FRACTION, "axis": axis, "reference_val_acc": reference,
-                       "knees": {str(e): k for e, k in knee_of.items()}}, ctx.run_dir / "knees.json")
+                       "knees": {str(e): k for e, k in knee_of.items()},
+                       "target_val_acc": {str(e): a for e, a in at_target.items()}}, ctx.run_dir / "knees.json")
     plot_curves(curves, ctx.run_dir / "acc_vs_speed_up", title=f"{cfg.task.name}, {cfg.method.name}, "
                 f"validation data model {item.slot}", knee_of=knee_of)
     return {"axis": axis, "curves": {e: c["points"] for e, c in curves.items()}, "knees": knee_of,
-            "reference_val_acc": reference,
+            "reference_val_acc": reference, "target_val_acc": at_target,
             "figure": str(ctx.run_dir / "acc_vs_speed_up.png")}
 
 

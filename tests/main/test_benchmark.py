@@ -13,7 +13,7 @@ from tests.main.test_meta_train import _cfg
 
 def _bench_cfg(root, methods):
     cfg = _cfg(root, "run=benchmark", "task.data_models.num=3", "benchmark.seeds=[0,1]", "benchmark.speed_ups=[1.5]",
-               "benchmark.meta_epochs=[2]")
+               "benchmark.meta_epochs=[2]", "benchmark.workers=1")  # serial: the spies below see every dispatch
     with open_dict(cfg):
         cfg.benchmark.methods = methods
     return cfg
@@ -67,6 +67,25 @@ def test_a_grid_is_chosen_on_validation_once_and_used_for_every_seed(tmp_path, m
     assert [c["grid"] for c in sl] == [tuning["chosen"]] * 2 and f"sparse_learning {best} at 1.5x" in result["table"]
     calls.clear()
     assert bm.benchmark(_bench_cfg(tmp_path, methods))["cells"] == result["cells"] and "pruning_final" not in calls
+
+
+def test_two_workers_give_the_cells_of_one_bit_for_bit(tmp_path):
+    methods = {"group_l2_max": {"method": "group_l2_max"},
+               "sparse_learning": {"method": "sparse_learning", "grid": {"method.reg": [5e-4, 0.2]}}}
+    serial = bm.benchmark(_bench_cfg(tmp_path / "serial", methods))
+    cfg = _bench_cfg(tmp_path / "parallel", methods)
+    with open_dict(cfg):
+        cfg.benchmark.workers = 2
+    parallel = bm.benchmark(cfg)
+    drop = ("seconds", "latency_ms", "base_latency_ms")  # timings differ; every accuracy and size must not
+    assert [{k: v for k, v in c.items() if k not in drop} for c in parallel["cells"]] == \
+        [{k: v for k, v in c.items() if k not in drop} for c in serial["cells"]]
+    assert parallel["tuning"][0]["chosen"] == serial["tuning"][0]["chosen"] and parallel["workers"] == 2
+    assert list((Path(cfg.run_dir) / "cells").glob("worker_*.log"))  # each worker logs into the run directory
+    with open_dict(cfg):
+        cfg.benchmark.workers = 0
+    with pytest.raises(ConfigError, match="benchmark.workers=0"):
+        bm.benchmark(cfg)
 
 
 def test_a_grid_key_that_is_no_setting_is_refused_before_any_work(tmp_path):

@@ -20,6 +20,20 @@ def test_epoch_selection_prefers_the_flatter_curve_and_never_picks_epoch_0():
         select_epoch({0: flat})
 
 
+def test_selection_by_target_takes_the_best_pruned_and_finetuned_validation_accuracy():
+    flat = [{"speed_up": 1.3, "val_acc": 90.0}, {"speed_up": 3.0, "val_acc": 85.0}]
+    steep = [{"speed_up": 1.3, "val_acc": 92.0}, {"speed_up": 3.0, "val_acc": 20.0}]
+    curves = {0: flat, 2: steep, 4: flat, 6: flat}
+    assert select_epoch(curves, 90.0)[0] == 4  # by knee: 4 and 6 tie, then the curve score, then the first
+    epoch, scores = select_epoch(curves, 90.0, {0: 99.0, 2: 96.0, 4: 94.0, 6: 95.0}, by="target")
+    assert epoch == 2 and scores == {0: 99.0, 2: 96.0, 4: 94.0, 6: 95.0}  # epoch 0 is reported, never chosen
+    assert select_epoch(curves, 90.0, {2: 94.0, 4: 95.0, 6: 95.0}, by="target")[0] == 4  # tie: the higher knee
+    with pytest.raises(ConfigError, match="select_target"):
+        select_epoch(curves, 90.0, {2: 94.0}, by="target")  # epochs 4 and 6 were not measured at the target
+    with pytest.raises(ConfigError, match="choose knee or target"):
+        select_epoch(curves, 90.0, by="speed")
+
+
 def test_knee_is_where_the_curve_first_falls_below_80_percent_of_the_original():
     original = [{"speed_up": 1.3, "val_acc": 100.0}, {"speed_up": 1.5, "val_acc": 90.0},
                 {"speed_up": 1.7, "val_acc": 70.0}, {"speed_up": 2.0, "val_acc": 85.0}]
@@ -38,7 +52,8 @@ def test_knee_is_where_the_curve_first_falls_below_80_percent_of_the_original():
 
 def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
     overrides = ["run=quickstart", "task.data_models.num=3", "task.quickstart.epochs=[2]",
-                 "task.pruning.target_speed_ups=[1.5]", "task.quickstart.target_index=100"]
+                 "task.pruning.target_speed_ups=[1.5]", "task.quickstart.target_index=100",
+                 "task.visualize.select_by=target", "task.visualize.select_target=1.5"]
     cfg = _cfg(tmp_path, *overrides)
     summary = dispatch(cfg)
     rows = summary["rows"]
@@ -47,6 +62,8 @@ def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
     run_dir = Path(cfg.run_dir)
     results = read_json(run_dir / "quickstart_results.json")
     assert results["selected_epoch"] == 2 and set(results["knees"]) == {"0", "2"}
+    assert results["selected_by"] == "target" and set(results["target_val_acc"]) == {"0", "2"}
+    assert "pruned to 1.5x and fine-tuned: no metanetwork" in (run_dir / "quickstart_results.md").read_text()
     assert "knee (val acc < 80% of the original's" in (run_dir / "quickstart_results.md").read_text()
     assert (run_dir / "quickstart_results.csv").read_text().count("\n") == 3  # header + 2 rows
     assert "| no metanetwork | 1.5x |" in (run_dir / "quickstart_results.md").read_text()
@@ -55,6 +72,14 @@ def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
     drop = ("latency_ms", "base_latency_ms")  # latency is measured afresh
     assert [{k: v for k, v in r.items() if k not in drop} for r in again["rows"]] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_selection_settings_are_checked_before_any_curve(tmp_path):
+    with pytest.raises(ConfigError, match="select_by=speed"):
+        dispatch(_cfg(tmp_path, "run=visualize", "epochs=[0]", "task.visualize.select_by=speed"))
+    with pytest.raises(ConfigError, match="together with task.visualize.select_target"):
+        dispatch(_cfg(tmp_path, "run=visualize", "epochs=[0]", "task.visualize.select_by=target",
+                      "task.visualize.select_target=null"))
 
 
 def test_quickstart_needs_task_settings(tmp_path):
