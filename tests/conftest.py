@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import configs  # noqa: F401  (registers the config resolvers, e.g. first_set, for tests that compose configs on their own)
 from data_loaders import build_datasets, build_loaders
 
 torch.set_num_threads(2)
