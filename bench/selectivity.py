@@ -9,7 +9,8 @@ and the within-group min/max norm ratio (about 0.8 before).
     python bench/selectivity.py --store data_models/resnet20_on_digits/group_l2_max
     python bench/selectivity.py --store ... --variants additive:0:1e-3 channel_scale:1:1e-3
 
-A variant is ``edit:magnitude_features:lr[:optimizer]`` (optimizer ``adamw`` or ``nsgd``). ``--json`` writes the rows for the README table.
+A variant is ``edit:magnitude_features:lr[:optimizer[:layer]]`` (optimizer ``adamw`` or ``nsgd``; layer
+``fast``, the default, or ``multiplicative``, the published layer's rule). ``--json`` writes the rows for the README table.
 """
 from __future__ import annotations
 
@@ -59,11 +60,13 @@ def main() -> None:
         regularize = scheme.meta_regularizer(model, example, mt)
         metanet, lr = None, args.direct_lr
         if variant is not None:
-            edit, mag, lr, opt = (variant.split(":") + ["adamw"])[:4]
+            parts = variant.split(":")
+            edit, mag, lr = parts[:3]
+            opt, layer = (parts[3] if len(parts) > 3 else "adamw"), (parts[4] if len(parts) > 4 else "fast")
             torch.manual_seed(0)
             metanet = GraphMetanetwork.from_graph(item.graph, hidden_dim=args.hidden, num_layers=args.layers,
                                                   node_ratio=0.01, edge_ratio=0.01, edit=edit,
-                                                  magnitude_features=mag == "1")
+                                                  magnitude_features=mag == "1", layer=layer)
         t = time.perf_counter()
         r = penalty_descent(model, regularize, item.graph, metanet, lr=float(lr), max_steps=args.max_steps,
                             fall=args.fall, optimizer=opt if variant is not None else "adamw")

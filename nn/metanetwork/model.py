@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from nn.metanetwork.layers import EdgeMessageLayer, PyGEdgeMessageLayer, get_activation
+from nn.metanetwork.layers import EdgeMessageLayer, MultiplicativeEdgeLayer, PyGEdgeMessageLayer, get_activation
 from utils.convert.graph import NODE_INPUT, NODE_OUTPUT, NetworkGraph
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ class GraphMetanetwork(torch.nn.Module):
             edge-sized activations: memory ~ ``L`` saved edge states instead of ``~3 L`` (input and two pre-activations per layer).
         activation: "silu" (default), "relu" or "tanh".
         constant_edges: edge types whose features are constant (no decoder, passed through).
-        layer: "fast" (:class:`EdgeMessageLayer`) or "pyg" (the reference :class:`PyGEdgeMessageLayer`).
+        layer: "fast" (:class:`EdgeMessageLayer`) or "pyg" (the reference :class:`PyGEdgeMessageLayer`), the same
+            rule; "multiplicative" (:class:`MultiplicativeEdgeLayer`): the published layer's rule, edge states
+            never normalised inside the layers and messages multiplicative in them.
         backend: scatter backend of the fast layer (None: torch_scatter when installed, else plain torch).
         kernels: let the fast layer use the fused C kernels of :mod:`nn.metanetwork.kernels` where they apply
             (float32 on CPU); False forces the eager torch path.
@@ -101,8 +103,11 @@ class GraphMetanetwork(torch.nn.Module):
                                               for _ in range(num_layers))
         elif layer == "pyg":
             self.layers = torch.nn.ModuleList(PyGEdgeMessageLayer(hidden_dim, activation) for _ in range(num_layers))
+        elif layer == "multiplicative":
+            self.layers = torch.nn.ModuleList(MultiplicativeEdgeLayer(hidden_dim, activation, backend)
+                                              for _ in range(num_layers))
         else:
-            raise ValueError(f"Unknown layer {layer!r}; valid: 'fast', 'pyg'")
+            raise ValueError(f"Unknown layer {layer!r}; valid: 'fast', 'pyg', 'multiplicative'")
         self.node_dec = MLP(hidden_dim, hidden_dim, node_in, activation)
         self.edge_dec = torch.nn.ModuleDict({t: MLP(hidden_dim, hidden_dim, d, activation)
                                              for t, d in edge_dims.items() if t not in self.constant_edges})

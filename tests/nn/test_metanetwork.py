@@ -8,7 +8,7 @@ import torch
 
 from nn.metanetwork import GraphMetanetwork, build_metanetwork
 from nn.metanetwork import scatter as sc
-from nn.metanetwork.layers import EdgeMessageLayer, PyGEdgeMessageLayer
+from nn.metanetwork.layers import EdgeMessageLayer, MultiplicativeEdgeLayer, PyGEdgeMessageLayer, direction_sign
 from utils.convert.graph import NODE_HIDDEN, NODE_INPUT, NODE_OUTPUT, GraphLayout, NetworkGraph
 
 EDGE_DIMS = {"conv3x3": 9, "conv1x1": 1, "linear": 1, "identity": 1}
@@ -37,8 +37,10 @@ def synthetic_graph(num_nodes: int = 40, seed: int = 0, num_isolated: int = 3) -
     return NetworkGraph(layout, torch.randn(num_nodes, 5, generator=g), edges, {})
 
 
-# the published additive edit, and the per-channel scale with magnitude features (model.py's docstring)
-VARIANTS = {"additive": {}, "channel_scale": {"edit": "channel_scale", "magnitude_features": True}}
+# the published additive edit, the per-channel scale with magnitude features (model.py's docstring), and the
+# published layer's multiplicative rule with the digits default's relative scale
+VARIANTS = {"additive": {}, "channel_scale": {"edit": "channel_scale", "magnitude_features": True},
+            "multiplicative": {"layer": "multiplicative", "edit": "relative_scale", "magnitude_features": True}}
 
 
 def make_meta(graph: NetworkGraph, **kw) -> GraphMetanetwork:
@@ -231,7 +233,7 @@ def test_fast_layer_matches_pyg_reference(activation, hdim, e):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "layer" not in VARIANTS[v]])
 def test_fast_model_matches_pyg_model_float32(variant):
     graph = synthetic_graph()
     fast, ref = make_meta(graph, **VARIANTS[variant]), make_meta(graph, layer="pyg", **VARIANTS[variant])
@@ -481,3 +483,53 @@ def test_equivariance_on_a_converted_resnet8(variant):
         torch.testing.assert_close(state_p[key], expected[key], atol=atol, rtol=rtol, msg=key)
     # and the edit is real: the output network differs from the input network
     assert (state["layer1.0.conv2.weight"] - model.state_dict()["layer1.0.conv2.weight"][:, perm.argsort()]).abs().max() > 0
+
+
+def test_multiplicative_layer_follows_its_rule_edge_by_edge():
+    """The published rule, written out per node and per edge with Python loops, on a small random graph."""
+    torch.manual_seed(0)
+    H, N, E = 6, 7, 15
+    layer = MultiplicativeEdgeLayer(H).double()
+    h, e = torch.randn(N, H, dtype=torch.float64), torch.randn(E, H, dtype=torch.float64)
+    index = torch.randint(0, N - 1, (2, E))  # node N-1 has no edge at all
+    h_new, e_new = layer(h, e, index)
+    act, sign = torch.nn.functional.silu, direction_sign(H, dtype=torch.float64)
+    hn = torch.nn.functional.layer_norm(h, (H,))
+    f = {name: (lambda x, m=getattr(layer, name): act(m(x))) for name in ("msg_src", "msg_dst", "gate_src", "gate_dst")}
+
+    def pna(msgs):
+        if not msgs:
+            return torch.zeros(4 * H, dtype=torch.float64)
+        m = torch.stack(msgs)
+        var = m.var(0, unbiased=False)  # PyG's std: 0 where the variance is below its eps
+        std = torch.where(var > sc.STD_EPS, var.clamp(min=sc.STD_EPS).sqrt(), torch.zeros_like(var))
+        return torch.cat([m.mean(0), std, m.max(0).values, m.min(0).values])
+
+    for n in range(N):
+        fwd = [f["msg_dst"](hn[n]) * f["msg_src"](hn[s]) * e[k] for k, (s, t) in enumerate(index.T.tolist()) if t == n]
+        bwd = [f["msg_dst"](hn[n]) * f["msg_src"](hn[t]) * e[k] * sign
+               for k, (s, t) in enumerate(index.T.tolist()) if s == n]
+        torch.testing.assert_close(h_new[n], h[n] + layer.post(pna(fwd)) + layer.post(pna(bwd)))
+    for k, (s, t) in enumerate(index.T.tolist()):
+        expected = e[k] + f["gate_src"](hn[s]) * f["gate_dst"](hn[t]) * e[k] \
+            + sign * f["gate_src"](hn[t]) * f["gate_dst"](hn[s]) * e[k] * sign
+        torch.testing.assert_close(e_new[k], expected)
+
+
+def test_multiplicative_layer_keeps_the_size_of_the_edge_state():
+    """Scaling every edge state by c > 0 scales the edge update and the node update by c (the fast layer
+    LayerNorms the edges, so there the size of a weight is normalised away)."""
+    torch.manual_seed(1)
+    H, N, E = 8, 10, 40
+    # large edge states: every segment's variance is far above the std's eps, which would break the scaling
+    h, e = torch.randn(N, H, dtype=torch.float64), 100 * torch.randn(E, H, dtype=torch.float64)
+    index = torch.randint(0, N, (2, E))
+    layer = MultiplicativeEdgeLayer(H).double()
+    torch.nn.init.zeros_(layer.post.bias)  # so that the node update is linear in the aggregates
+    (h1, e1), (h3, e3) = layer(h, e, index), layer(h, 3 * e, index)
+    torch.testing.assert_close(e3, 3 * e1)
+    torch.testing.assert_close(h3 - h, 3 * (h1 - h))
+    fast = EdgeMessageLayer(H, kernels=False).double()
+    torch.nn.init.zeros_(fast.post.bias)
+    (g1, _), (g3, _) = fast(h, e, index), fast(h, 3 * e, index)
+    torch.testing.assert_close(g3, g1)  # LayerNorm-ed edges: the node update does not see the scale
