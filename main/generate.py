@@ -46,6 +46,16 @@ def store_header(cfg: DictConfig) -> Dict[str, Any]:
             "num_classes": int(cfg.dataset.num_classes)}
 
 
+def writable_store(cfg: DictConfig) -> Path:
+    """The store that data models of ``cfg.method`` are written to; ``data_models_method`` (another method's
+    store, for reading only) is refused, since the store's header names the method that made its models."""
+    other = cfg.get("data_models_method")
+    if other and str(other) != cfg.method.name:
+        raise ConfigError(f"data_models_method={other} only reads another method's data models "
+                          f"(run=meta_train/visualize); to make data models, drop it and set method={other}")
+    return Path(cfg.data_models_dir)
+
+
 def make_data_model(cfg: DictConfig, ctx: RunContext, slot: int, splits, loaders, work: Path) -> DataModelRecord:
     """Train, prune and fine-tune the data model of ``slot``, resumable through ``work``."""
     seed = slot_seed(cfg.seed, slot)
@@ -96,7 +106,7 @@ def generate(cfg: DictConfig) -> Dict[str, Any]:
     num = int(cfg.num if cfg.get("num") is not None else cfg.task.data_models.num)
     if index < 0 or num < 1:
         raise ConfigError(f"shard={index}, num={num}: a shard needs shard >= 0 and num >= 1, e.g. shard=0 num=4")
-    store = Path(cfg.data_models_dir)
+    store = writable_store(cfg)
     writer = ShardWriter(store / f"shard_{index:03d}.h5", store_header(cfg))  # rank 0 creates the file
     du.barrier()
     done = set(writer.finished_slots())

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data_loaders.data_models import DataModelRecord, check_header, read_descriptions, read_header, write_shard
 from data_loaders.published_layout import PublishedRowError, layout_for, rebuild, row_arrays, split_row
-from main.generate import store_header
+from main.generate import store_header, writable_store
 from main.run_modes import RUN_MODES, ConfigError, prepare_run
 from main.stages import data_for, evaluate_splits, example_input, new_model
 from nn.models import describe_model
@@ -105,7 +105,7 @@ def import_published(cfg: DictConfig) -> Dict[str, Any]:
         log.warning("the published ResNets average-pool an 8x8 map: their function is the zoo's only on 32x32 "
                     "inputs, and this task's are %dx%d", image_size, image_size)
     header = store_header(cfg)
-    store = Path(cfg.data_models_dir)
+    store = writable_store(cfg)
     shard, first_slot = _next_free(store, header, source)
     evaluate = bool(cfg.get("evaluate", True))
     if evaluate:

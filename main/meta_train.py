@@ -57,8 +57,11 @@ def load_data_models(cfg: DictConfig, split: str) -> DataModelSet:
     if not files:
         raise FileNotFoundError(
             f"no data models in {Path(cfg.data_models_dir).resolve()}: generate them first with "
-            f"`python -m generate_dataset data_generator={cfg.task.name} method={cfg.method.name}`")
+            f"`python -m generate_dataset data_generator={cfg.task.name} "
+            f"method={cfg.get('data_models_method') or cfg.method.name}`")
     expect = {k: v for k, v in store_header(cfg).items() if k in ("task", "model", "method")}
+    if cfg.get("data_models_method"):  # another method's data models, asked for by name
+        expect["method"] = str(cfg.data_models_method)
     return DataModelSet(files, split=split, val_fraction=float(cfg.task.data_models.val_fraction), expect=expect)
 
 

@@ -177,3 +177,17 @@ def test_visualize_draws_cached_curves(store, monkeypatch):
     dispatch(cfg)
     with pytest.raises(CheckpointError, match="epoch_007.pt does not exist"):
         dispatch(_cfg(store, "run=visualize", "index=[0,7]", "run_name=vis"))
+
+
+def test_another_methods_data_models_are_read_only_when_named(store):
+    """The store was made for group_l2_max: method=random refuses it, data_models_method=group_l2_max reads it
+    (curves of one criterion on another's data models), and generating into it under another method is refused."""
+    with pytest.raises(FileNotFoundError, match="method=random"):
+        mt.load_data_models(_cfg(store, "method=random"), "val")
+    cfg = _cfg(store, "method=random", "data_models_method=group_l2_max")
+    ours = mt.load_data_models(_cfg(store), "val")
+    theirs = mt.load_data_models(cfg, "val")
+    assert len(theirs) == len(ours) == 1
+    torch.testing.assert_close(theirs[0].graph.node_features, ours[0].graph.node_features, rtol=0, atol=0)
+    with pytest.raises(mt.ConfigError, match="drop it and set method=group_l2_max"):
+        dispatch(_cfg(store, "method=random", "data_models_method=group_l2_max", "num=1", name="generate_dataset"))
