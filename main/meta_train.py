@@ -54,14 +54,13 @@ log = logging.getLogger(__name__)
 def load_data_models(cfg: DictConfig, split: str) -> DataModelSet:
     """The train or val data models of this task and criterion (see ``generate_dataset``)."""
     files = store_files(cfg.data_models_dir)
+    maker = str(cfg.get("data_models_method") or cfg.method.name)  # data_models_method: another method's store
     if not files:
         raise FileNotFoundError(
             f"no data models in {Path(cfg.data_models_dir).resolve()}: generate them first with "
-            f"`python -m generate_dataset data_generator={cfg.task.name} "
-            f"method={cfg.get('data_models_method') or cfg.method.name}`")
-    expect = {k: v for k, v in store_header(cfg).items() if k in ("task", "model", "method")}
-    if cfg.get("data_models_method"):  # another method's data models, asked for by name
-        expect["method"] = str(cfg.data_models_method)
+            f"`python -m generate_dataset data_generator={cfg.task.name} method={maker}`")
+    expect = {k: v for k, v in store_header(cfg).items() if k in ("task", "model")}
+    expect["method"] = maker
     return DataModelSet(files, split=split, val_fraction=float(cfg.task.data_models.val_fraction), expect=expect)
 
 

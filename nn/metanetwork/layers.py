@@ -62,6 +62,11 @@ def direction_sign(hidden_dim: int, device=None, dtype=None) -> Tensor:
     return sign
 
 
+def check_hidden_dim(hidden_dim: int) -> None:
+    if hidden_dim < 2:
+        raise ValueError(f"hidden_dim must be >= 2 (half the edge channels flip sign), got {hidden_dim}")
+
+
 class _LayerParams:
     """Mixin: the parameters shared by both implementations (same names, shapes and init)."""
 
@@ -69,8 +74,7 @@ class _LayerParams:
     activation: str
 
     def _build_params(self, hidden_dim: int, activation: str) -> None:
-        if hidden_dim < 2:
-            raise ValueError(f"hidden_dim must be >= 2 (half the edge channels flip sign), got {hidden_dim}")
+        check_hidden_dim(hidden_dim)
         get_activation(activation)
         self.hidden_dim, self.activation = hidden_dim, activation
         self.msg = torch.nn.Linear(3 * hidden_dim, hidden_dim)  # input [h_source, h_target, e]
@@ -167,8 +171,7 @@ class MultiplicativeEdgeLayer(torch.nn.Module):
 
     def __init__(self, hidden_dim: int, activation: str = "silu", backend: Optional[str] = None) -> None:
         super().__init__()
-        if hidden_dim < 2:
-            raise ValueError(f"hidden_dim must be >= 2 (half the edge channels flip sign), got {hidden_dim}")
+        check_hidden_dim(hidden_dim)
         self.act = get_activation(activation)
         self.hidden_dim, self.activation, self.backend = hidden_dim, activation, backend
         self.msg_src = torch.nn.Linear(hidden_dim, hidden_dim)

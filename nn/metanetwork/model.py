@@ -98,16 +98,12 @@ class GraphMetanetwork(torch.nn.Module):
         self.node_enc = MLP(node_in + (3 if self.magnitude_features else 0), hidden_dim, hidden_dim, activation)
         self.type_emb = torch.nn.Embedding(num_node_types, hidden_dim)
         self.edge_enc = torch.nn.ModuleDict({t: MLP(d, hidden_dim, hidden_dim, activation) for t, d in edge_dims.items()})
-        if layer == "fast":
-            self.layers = torch.nn.ModuleList(EdgeMessageLayer(hidden_dim, activation, backend, kernels=kernels)
-                                              for _ in range(num_layers))
-        elif layer == "pyg":
-            self.layers = torch.nn.ModuleList(PyGEdgeMessageLayer(hidden_dim, activation) for _ in range(num_layers))
-        elif layer == "multiplicative":
-            self.layers = torch.nn.ModuleList(MultiplicativeEdgeLayer(hidden_dim, activation, backend)
-                                              for _ in range(num_layers))
-        else:
-            raise ValueError(f"Unknown layer {layer!r}; valid: 'fast', 'pyg', 'multiplicative'")
+        layers = {"fast": lambda: EdgeMessageLayer(hidden_dim, activation, backend, kernels=kernels),
+                  "pyg": lambda: PyGEdgeMessageLayer(hidden_dim, activation),
+                  "multiplicative": lambda: MultiplicativeEdgeLayer(hidden_dim, activation, backend)}
+        if layer not in layers:
+            raise ValueError(f"Unknown layer {layer!r}; valid: {', '.join(map(repr, layers))}")
+        self.layers = torch.nn.ModuleList(layers[layer]() for _ in range(num_layers))
         self.node_dec = MLP(hidden_dim, hidden_dim, node_in, activation)
         self.edge_dec = torch.nn.ModuleDict({t: MLP(hidden_dim, hidden_dim, d, activation)
                                              for t, d in edge_dims.items() if t not in self.constant_edges})
