@@ -6,7 +6,7 @@ VJP per step, as in meta-training). Prints, per run, the steps taken and the sel
 ``utils.pruning.selectivity`` of the result: the share of channels below 10% of their group's largest norm,
 and the within-group min/max norm ratio (about 0.8 before).
 
-    python bench/selectivity.py --store data_models/resnet20_on_digits/group_l2_max
+    python bench/selectivity.py --store data_models/resnet20_on_digits/group_l2_max/seed0
     python bench/selectivity.py --store ... --variants additive:0:1e-3 channel_scale:1:1e-3
 
 A variant is ``edit:magnitude_features:lr[:optimizer[:layer]]`` (optimizer ``adamw`` or ``nsgd``; layer

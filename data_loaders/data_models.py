@@ -2,10 +2,15 @@
 
 File layout (one file per shard, ``shard_<index>.h5``; ``merge_shards`` writes one file of the same form)::
 
-    /                     attrs: format, header (JSON: task, model, dataset, method, num_classes)
+    /                     attrs: format, header (JSON: task, model, dataset, method, num_classes, and the
+                          settings that made the models: ``main.generate.store_settings``)
     /slot00007/           one data model; attrs: arch (JSON, nn.models.describe_model), info (JSON),
                           keys (JSON: state-dict order)
     /slot00007/state/<k>  one dataset per state-dict entry, native dtype and shape
+
+A store is refused (:func:`check_header`) by any run whose settings differ from those in its header, naming
+the differing keys, so data models made under other settings (another regulariser, a debug run, other
+schedules) are never reused without a word.
 
 A shard only ever grows by whole data models, and each append rewrites the file atomically (a copy with
 the new model is renamed over the old one), so an interrupted generation never leaves a half-written model
@@ -69,12 +74,51 @@ def read_header(path: Path) -> Dict[str, Any]:
         return json.loads(f.attrs["header"])
 
 
+def _leaves(value: Any, prefix: str) -> Dict[str, Any]:
+    """``{"a.b.c": leaf}`` of nested mappings (lists and scalars are leaves)."""
+    if isinstance(value, Mapping) and value:
+        return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def settings_diff(have: Optional[Mapping[str, Any]], want: Mapping[str, Any]) -> Dict[str, tuple]:
+    """``{dotted key: (stored, requested)}`` for every setting under the top-level keys of ``want`` that differs."""
+    have = have or {}
+    diff: Dict[str, tuple] = {}
+    for top, value in want.items():
+        mine, theirs = _leaves(have.get(top), top), _leaves(value, top)
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                diff[key] = (mine.get(key), theirs.get(key))
+    return diff
+
+
+ANOTHER_STORE = ("set data_models_tag=<name> to make a separate store for these settings, or delete {dir} "
+                 "to remake it")
+
+
 def check_header(path: Path, header: Mapping[str, Any], expect: Optional[Mapping[str, Any]]) -> None:
-    wrong = {k: (header.get(k), v) for k, v in (expect or {}).items() if header.get(k) != v}
+    """Refuse a file whose header disagrees with ``expect``: the plain keys (task, model, ...) by value, the
+    ``settings`` key leaf by leaf (only the settings that ``expect`` names), listing every difference."""
+    expect = dict(expect or {})
+    settings = expect.pop("settings", None)
+    wrong = {k: (header.get(k), v) for k, v in expect.items() if header.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}={have!r} (expected {want!r})" for k, (have, want) in wrong.items())
         raise DataModelStoreError(f"{path} holds data models made for something else: {detail}. Point to the "
                                   "data models of this task/method, or generate them.")
+    if settings is None:
+        return
+    if header.get("settings") is None:
+        raise DataModelStoreError(f"{path} does not record the settings its data models were made with (an older "
+                                  "store), so they cannot be checked against this run: "
+                                  + ANOTHER_STORE.format(dir=path.parent))
+    diff = settings_diff(header["settings"], settings)
+    if diff:
+        shown = "; ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in list(diff.items())[:6])
+        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise DataModelStoreError(f"{path} holds data models made with other settings ({shown}{more}): "
+                                  + ANOTHER_STORE.format(dir=path.parent))
 
 
 class ShardWriter:

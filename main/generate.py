@@ -40,10 +40,38 @@ def slot_seed(seed: int, slot: int) -> int:
     return 1000 * int(seed) + int(slot)
 
 
+# Dataset keys that say where the files are or how to fetch them, not what the data is.
+_LOCATION_KEYS = ("root", "download")
+
+
+def store_settings(cfg: DictConfig, for_reading: bool = False) -> Dict[str, Any]:
+    """The settings that make a store's data models what they are (recorded in its header, compared by every
+    run that writes or reads it): model, data set, criterion, optimiser, the pretraining and initial
+    fine-tuning schedules, the initial pruning target, the seed and the debug limits.
+
+    ``for_reading``: what a reader must agree on. The seed is left out (the store's folder names it, and a
+    metanetwork of another seed may train on these models), and so is the criterion's settings when the
+    run reads another method's store (``data_models_method``), whose settings it does not know."""
+    plain = lambda node: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node  # noqa: E731
+    settings = {
+        "model": plain(cfg.model),
+        "dataset": {k: v for k, v in plain(cfg.dataset).items() if k not in _LOCATION_KEYS},
+        "method": plain(cfg.method), "optim": plain(cfg.optim), "batch_size": int(cfg.task.batch_size),
+        "schedules": {k: plain(cfg.task.schedules[k]) for k in ("pretrain", "finetune_initial")},
+        "initial": {k: cfg.task.pruning.get(k) for k in ("initial_speed_up", "initial_sparsity")},
+        "init_weights": cfg.get("init_weights"), "debug": plain(cfg.get("debug")), "seed": int(cfg.seed),
+    }
+    if for_reading:
+        del settings["seed"]
+        if cfg.get("data_models_method") and str(cfg.data_models_method) != cfg.method.name:
+            del settings["method"]
+    return settings
+
+
 def store_header(cfg: DictConfig) -> Dict[str, Any]:
     """What every file of a data-model store must agree on."""
     return {"task": cfg.task.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
-            "num_classes": int(cfg.dataset.num_classes)}
+            "num_classes": int(cfg.dataset.num_classes), "settings": store_settings(cfg)}
 
 
 def writable_store(cfg: DictConfig) -> Path:

@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from data_loaders.data_models import DataModel, DataModelSet, store_files
-from main.generate import store_header
+from main.generate import store_header, store_settings
 from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
 from main.stages import data_for, example_input
 from nn.metanetwork import build_metanetwork
@@ -60,7 +60,7 @@ def load_data_models(cfg: DictConfig, split: str) -> DataModelSet:
             f"no data models in {Path(cfg.data_models_dir).resolve()}: generate them first with "
             f"`python -m generate_dataset data_generator={cfg.task.name} method={maker}`")
     expect = {k: v for k, v in store_header(cfg).items() if k in ("task", "model")}
-    expect["method"] = maker
+    expect.update(method=maker, settings=store_settings(cfg, for_reading=True))
     return DataModelSet(files, split=split, val_fraction=float(cfg.task.data_models.val_fraction), expect=expect)
 
 

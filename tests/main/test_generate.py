@@ -12,10 +12,12 @@ from data_loaders.data_models import (
     DataModelStoreError,
     ShardWriter,
     merge_shards,
+    read_header,
     read_records,
     store_files,
 )
 from generate_dataset.merge import main as merge_main
+from main.meta_train import load_data_models
 from main.run_modes import dispatch
 from utils.convert import graph_to_state_dict
 
@@ -128,3 +130,68 @@ def test_store_errors_name_the_file_and_the_problem(tmp_path):
         read_records(tmp_path / "missing.h5")
     with pytest.raises(DataModelStoreError, match="no data-model files"):
         DataModelSet([])
+
+
+# ---------------------------------------------------------------------------------------------------
+# store isolation: no run silently reuses data models made under other settings
+# ---------------------------------------------------------------------------------------------------
+
+REAL = [o for o in TINY if not o.startswith("debug=")] + [
+    "task.schedules.pretrain.epochs=2", "task.schedules.finetune_initial.epochs=1", "resume=true"]
+
+
+def _real_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("generate_dataset", overrides=[*REAL, f"paths.root_dir={tmp_path}", *overrides])
+
+
+def test_a_debug_run_then_a_real_run_gives_the_real_runs_data_models(tmp_path):
+    debug, real = _cfg(tmp_path, "num=1"), _real_cfg(tmp_path, "num=1")
+    assert _store(debug) != _store(real) and _store(debug).name == "debug-smoke_seed0"
+    dispatch(debug)
+    dispatch(real)
+    made = read_records(_store(real) / "shard_000.h5")
+    assert len(made) == 1 and made[0].info["timings"]["pretrain_s"] > 0  # trained here, not taken from debug
+    assert read_header(_store(real) / "shard_000.h5")["settings"]["debug"] is None
+    assert read_header(_store(debug) / "shard_000.h5")["settings"]["debug"]["max_epochs"] == 1
+    # Pointed at the debug store on purpose, the real run is refused, naming what differs.
+    with pytest.raises(DataModelStoreError, match=r"debug: stored None, asked|debug\.max_epochs: stored 1, asked None"):
+        dispatch(_real_cfg(tmp_path, "num=1", f"data_models_dir={_store(debug)}"))
+
+
+def test_a_store_refuses_other_settings_naming_the_keys_and_the_flag(tmp_path):
+    dispatch(_cfg(tmp_path, "num=1", "method=sparse_learning"))
+    store = _store(_cfg(tmp_path, "method=sparse_learning"))
+    with pytest.raises(DataModelStoreError, match=r"method\.reg: stored 0\.0005, asked 0\.05.*data_models_tag="):
+        dispatch(_cfg(tmp_path, "num=2", "method=sparse_learning", "method.reg=0.05"))
+    with pytest.raises(DataModelStoreError, match=r"schedules\.pretrain\.lr: stored 0\.1, asked 0\.05"):
+        dispatch(_cfg(tmp_path, "num=2", "method=sparse_learning", "task.schedules.pretrain.lr=0.05"))
+    assert [r.slot for r in read_records(store / "shard_000.h5")] == [0]  # nothing was added by the refused runs
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        reader = compose("main", overrides=[*TINY, f"paths.root_dir={tmp_path}", "method=sparse_learning",
+                                            "method.reg=0.05", "run=meta_train"])
+    with pytest.raises(DataModelStoreError, match=r"method\.reg: stored 0\.0005, asked 0\.05"):
+        load_data_models(reader, "all")
+    # The flag named in the message makes a separate store, and the first is left as it was.
+    other = _cfg(tmp_path, "num=1", "method=sparse_learning", "method.reg=0.05", "data_models_tag=reg005")
+    dispatch(other)
+    assert _store(other) == store.parent / "reg005" and len(read_records(_store(other) / "shard_000.h5")) == 1
+
+
+def test_each_seed_has_its_store_and_readers_ignore_the_seed_only(tmp_path):
+    assert _store(_cfg(tmp_path, "seed=3")).name == "debug-smoke_seed3"
+    dispatch(_cfg(tmp_path, "num=1"))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        reader = compose("main", overrides=[*TINY, f"paths.root_dir={tmp_path}", "seed=5",
+                                            "data_models_tag=debug-smoke_seed0"])
+    assert len(load_data_models(reader, "all")) == 1  # another seed's metanetwork may train on seed 0's models
+    with pytest.raises(DataModelStoreError, match=r"seed: stored 0, asked 5"):  # but never generate into them
+        dispatch(_cfg(tmp_path, "num=2", "seed=5", "data_models_tag=debug-smoke_seed0"))
+
+
+def test_a_store_that_does_not_record_its_settings_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "num=1")
+    old = {k: v for k, v in gen.store_header(cfg).items() if k != "settings"}
+    ShardWriter(_store(cfg) / "shard_000.h5", old)
+    with pytest.raises(DataModelStoreError, match="does not record the settings.*data_models_tag="):
+        dispatch(cfg)

@@ -100,7 +100,7 @@ def test_missing_imagenet_root_fails_clearly(tmp_path, caplog):
 
 
 def test_data_models_in_one_process(vit_store):
-    store = _one("data_models/*/*", vit_store)
+    store = _one("data_models/*/*/*", vit_store)
     items = DataModelSet(store_files(store))
     assert [r.slot for r in items.records] == [0, 1, 2]
     assert all(r.info["ranks"] == 1 and r.info["speed_up"] >= 1.037 for r in items.records)
@@ -125,7 +125,7 @@ def test_ddp_data_model_of_a_vit_pruned_by_heads(tmp_path):
     # 1.8x rather than the published 1.037x, which the MLPs alone reach: the token width must shrink too.
     write_image_folder(tmp_path / "datasets" / "imagenet")
     torchrun(tmp_path, *VIT, "run=generate", "shard=0", "num=1", "task.pruning.initial_speed_up=1.8")
-    items = DataModelSet(store_files(_one("data_models/*/*", tmp_path)))
+    items = DataModelSet(store_files(_one("data_models/*/*/*", tmp_path)))
     info = items.records[0].info
     assert info["speed_up"] >= 1.8
     _in_step(info)
@@ -135,7 +135,7 @@ def test_ddp_data_model_of_a_vit_pruned_by_heads(tmp_path):
     for mha in (m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)):
         assert (mha.num_heads, mha.embed_dim, mha.head_dim) == (4, hidden, hidden // 4)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, CLASSES)
-    assert not list(tmp_path.glob("data_models/*/*/work"))  # the slot's work folder is gone once it is stored
+    assert not list(tmp_path.glob("data_models/*/*/*/work"))  # the slot's work folder is gone once it is stored
 
 
 def test_ddp_meta_training_keeps_replicas_identical(vit_store):
