@@ -2,7 +2,8 @@
 
 ``build_datasets(cfg)`` turns a dataset config into train / val / test splits, ``build_loaders``
 into DataLoaders. Registered datasets: cifar10, cifar100, svhn, imagenet (files under ``cfg.root``),
-digits (scikit-learn's embedded digits, the offline default) and synthetic (for tests).
+digits (scikit-learn's embedded digits, the offline default), fashion_mnist (the official IDX files;
+the CPU test bed) and synthetic (for tests).
 See ``data_loaders/build.py`` for the common config keys and each dataset module for its own.
 """
 from data_loaders.base import (
@@ -17,7 +18,7 @@ from data_loaders.base import (
 from data_loaders.build import build_datasets, build_loaders, list_datasets, sharded_loaders
 
 # importing the dataset modules registers them in DATASETS
-from data_loaders import cifar, digits, imagenet, svhn, synthetic  # noqa: E402,F401  isort: skip
+from data_loaders import cifar, digits, fashion_mnist, imagenet, svhn, synthetic  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DATASETS",

@@ -8,6 +8,9 @@ Common config keys (all datasets; dataset-specific keys are documented in each d
   the validation split (an integer 0 gives an empty validation split).
 * ``split_seed`` (default 0): seed of the stratified validation split. The split depends only on the
   training labels and this seed, so it is identical across runs and machines.
+* ``train_size`` (default null: all): fraction in (0, 1) or integer count of the training examples left
+  after carving validation to train on: a fixed, stratified subset (seed ``SUBSET_SEED``, independent of
+  ``split_seed``), for runs that cannot afford the whole training split.
 * ``augment`` (default True): training augmentation on/off. Validation and test never augment.
 * ``image_size``: ImageNet (default 224), digits and synthetic (default 32); CIFAR/SVHN must be 32.
 * ``num_classes`` (optional): if given, must equal the dataset's class count (for ImageNet: the number
@@ -21,12 +24,24 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
 
+import numpy as np
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data_loaders.base import DATASETS, DatasetSplits, TransformedSubset
-from data_loaders.splits import carve_validation
+from data_loaders.splits import carve_validation, resolve_holdout_count, stratified_split
 from utils import distributed as du
+
+
+SUBSET_SEED = 0  # fixed: the training subset of a train_size must not move between runs
+
+
+def training_subset(train_idx: np.ndarray, labels: np.ndarray, size: float | int) -> np.ndarray:
+    """``train_idx`` cut to ``size`` (fraction or count) indices, stratified by ``labels`` and fixed."""
+    count = resolve_holdout_count(size, len(train_idx), "train_size")
+    _, chosen = stratified_split(labels[train_idx], count, seed=SUBSET_SEED)
+    return train_idx[chosen]
 
 
 def list_datasets() -> List[str]:
@@ -49,6 +64,8 @@ def build_datasets(cfg: Mapping[str, Any]) -> DatasetSplits:
     augment = bool(cfg.get("augment", True))
     val_size = cfg.get("val_size", 0.1)
     train_idx, val_idx = carve_validation(source.train_labels, val_size, int(cfg.get("split_seed", 0)))
+    if cfg.get("train_size") is not None:
+        train_idx = training_subset(train_idx, source.train_labels, cfg["train_size"])
     train_transform = source.train_transform if augment else source.eval_transform
     return DatasetSplits(
         train=TransformedSubset(source.train, train_idx, train_transform),

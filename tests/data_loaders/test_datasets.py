@@ -255,8 +255,8 @@ def test_unknown_name_lists_valid_names():
     assert isinstance(info.value, KeyError)
     assert "'cifar10'" in str(info.value)  # the close match is suggested
     assert all(name in str(info.value) for name in list_datasets())
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagenet", "svhn", "synthetic"]
-    assert len(DATASETS) == 6
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagenet", "svhn", "synthetic"]
+    assert len(DATASETS) == 7
 
 
 # ---------------------------------------------------------------------------------------------------
