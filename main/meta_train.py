@@ -169,11 +169,14 @@ class MetaTrainer:
         self._work: Dict[int, _Work] = {}
         self.scheme = scheme_for(cfg.method)
         self.budget = budget
+        # the network passes in channels-last, as the training loops (``channels_last``): faster on the CPU
+        self.layout = torch.channels_last if bool(cfg.channels_last) else torch.contiguous_format
 
     def work(self, item: DataModel) -> _Work:
         if item.slot not in self._work:
             model = copy.deepcopy(item.model).to(self.ctx.device).eval()
             regularize = self.scheme.meta_regularizer(model, self.example, self.mt)
+            model.to(memory_format=self.layout)  # load_weights copies W into these strides
             params = [n for n, _ in model.named_parameters()]
             self._work[item.slot] = _Work(model, regularize, item.graph.to(self.ctx.device), params)
         return self._work[item.slot]
@@ -192,7 +195,8 @@ class MetaTrainer:
         task_loss = 0.0
         for _ in range(int(self.mt.batches_per_step)):
             x, y = next(batches)
-            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+            x = x.to(self.ctx.device, non_blocking=True, memory_format=self.layout)
+            y = y.to(self.ctx.device, non_blocking=True)
             loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (docs/design.md section 5)
             loss.backward()
             task_loss += loss.item()

@@ -49,7 +49,7 @@ class RunContext:
 
 
 _TOP_LEVEL_TYPES = {"seed": int, "resume": bool, "progress": bool, "num_workers": int, "threads": (int, type(None)),
-                    "export_onnx": bool, "evaluate": bool}
+                    "export_onnx": bool, "evaluate": bool, "channels_last": bool}
 
 
 def check_top_level(cfg: DictConfig) -> None:

@@ -59,12 +59,13 @@ def train_stage(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loader
         "arch": describe_model(model), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "schedule": OmegaConf.to_container(schedule, resolve=True), "batch_size": cfg.task.batch_size,
         "optim": OmegaConf.to_container(cfg.optim, resolve=True), "seed": seed, "limits": vars(ctx.limits),
+        "channels_last": bool(cfg.channels_last),  # another layout rounds differently: not the same run
     }
     if after_backward is not None:  # e.g. sparse learning's regulariser: its settings define the run too
         fingerprint["after_backward"] = OmegaConf.to_container(cfg.method, resolve=True)
     return fit(model, loaders, schedule, cfg.optim, ctx.device, run_dir=run_dir, name=stage, resume=bool(cfg.resume),
                limits=ctx.limits, seed=seed, progress=bool(cfg.progress), fingerprint=fingerprint,
-               after_backward=after_backward)
+               after_backward=after_backward, channels_last=bool(cfg.channels_last))
 
 
 def evaluate_splits(model: torch.nn.Module, loaders: Dict[str, DataLoader], ctx: RunContext,

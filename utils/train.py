@@ -13,13 +13,14 @@ the same checkpoint on resume, and only rank 0 writes files. In a single process
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +72,11 @@ def evaluate(
     device: torch.device,
     limit_batches: Optional[int] = None,
     amp: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Dict[str, float]:
     """Mean cross-entropy and top-1 accuracy (in %) of ``model`` over ``loader`` in eval mode.
+
+    ``memory_format``: the layout the images are given in (``torch.channels_last`` for a model converted to it).
 
     When ``loader`` reads only this rank's share (``utils.distributed.is_sharded``) the sums are reduced
     over the ranks, so every rank gets the figures of the whole split; every rank must then call it."""
@@ -82,7 +86,7 @@ def evaluate(
     for i, (x, y) in enumerate(loader):
         if limit_batches is not None and i >= limit_batches:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x)  # (B, num_classes)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -110,6 +114,7 @@ def train_one_epoch(
     progress: bool = True,
     after_backward: Optional[Callable[[torch.nn.Module], None]] = None,
     mix: Optional[BatchMix] = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Dict[str, float]:
     """One pass over ``loader``; returns mean training loss and accuracy (%) of the seen batches.
 
@@ -124,7 +129,7 @@ def train_one_epoch(
     for i, (x, y) in enumerate(bar):
         if i >= total:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
         x, y_partner, lam = mix(x, y) if mix is not None else (x, y, 1.0)
         with _autocast(device, amp):
             logits = model(x)
@@ -206,6 +211,7 @@ def fit(
     progress: bool = True,
     fingerprint: Optional[Mapping[str, Any]] = None,
     after_backward: Optional[Callable[[torch.nn.Module], None]] = None,
+    channels_last: bool = False,
 ) -> FitResult:
     """Train ``model`` (already on ``device``) for ``schedule``; see the module docstring.
 
@@ -220,8 +226,32 @@ def fit(
         name: prefix of the files, so several stages can share one run directory.
         fingerprint: JSON-like settings that define the run (data set, schedule, seed, ...). A resumed run
             must have the same fingerprint, so changed settings never silently continue an old run.
+        channels_last: train and evaluate in the channels-last memory format (faster convolutions on the CPU,
+            ``bench/train_throughput.py``); ``model`` is handed back in the standard layout, with the same values.
     """
     fingerprint = _plain(fingerprint or {})
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with in_memory_format(model, layout):
+        return _fit(model, loaders, schedule, optim_cfg, device, run_dir, name, resume, limits, seed, progress,
+                    fingerprint, after_backward, layout)
+
+
+@contextlib.contextmanager
+def in_memory_format(model: torch.nn.Module, layout: torch.memory_format) -> Iterator[torch.nn.Module]:
+    """``model`` with its 4-d parameters and buffers in ``layout`` inside the block, contiguous again after it
+    (values are unchanged: only the strides move)."""
+    if layout == torch.contiguous_format:
+        yield model
+        return
+    model.to(memory_format=layout)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _fit(model, loaders, schedule, optim_cfg, device, run_dir, name, resume, limits, seed, progress, fingerprint,
+         after_backward, layout) -> FitResult:
     epochs = int(schedule["epochs"])
     if limits.max_epochs is not None:
         epochs = min(epochs, int(limits.max_epochs))
@@ -275,13 +305,14 @@ def fit(
             label_smoothing=float(schedule.get("label_smoothing", 0.0)),
             grad_clip=schedule.get("grad_clip"), scaler=scaler, limit_batches=limits.train_batches,
             desc=f"{name} {epoch + 1}/{epochs}", progress=progress and main, after_backward=after_backward, mix=mix,
+            memory_format=layout,
         )
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         # BatchNorm statistics drift apart across ranks (each saw its own batches): keep rank 0's, which
         # are the ones saved, so that every rank evaluates and selects with exactly the saved model.
         du.broadcast_state(model, buffers_only=True)
-        val = evaluate(model, loaders["val"], device, limits.eval_batches, amp=amp)
+        val = evaluate(model, loaders["val"], device, limits.eval_batches, amp=amp, memory_format=layout)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.time() - te}
         result.history.append(row)
