@@ -162,7 +162,7 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
         if vis.get("select_target") is not None:
             fingerprint["after_pruning"] = OmegaConf.to_container(cfg.task.schedules.finetune_after_pruning,
                                                                   resolve=True)
-        if cfg.method.name == "sparse_learning":  # curves cached before its fine-tuning was regularised are stale
+        if scheme_for(cfg.method).has_finetune_hook("finetune_after_metanetwork"):  # curves cached before its fine-tuning was regularised are stale
             fingerprint["finetune"] = "regularized"
         if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
             curves[epoch] = read_json(cache)

@@ -53,6 +53,7 @@ class PruningMethod:
     per_sample_gradients: bool = False
     calibration_batches: int = 0
     global_pruning: bool = True
+    max_pruning_ratio: float = 1.0  # per-layer cap (Torch-Pruning's): no layer loses more than this share of its channels
     group_hook: Optional[GroupHook] = None  # e.g. Intra-Fusion: fuse the pruned channels into the kept ones
 
 
@@ -105,8 +106,12 @@ def build_method(cfg: Mapping[str, Any]) -> PruningMethod:
         needs_gradients=kind in ("taylor", "hessian"), per_sample_gradients=kind == "hessian",
         calibration_batches=int(cfg.get("calibration_batches", 0) or 0),
         global_pruning=bool(cfg.get("global_pruning", True)),
+        max_pruning_ratio=float(cfg.get("max_pruning_ratio", 1.0)),
     )
-    if cfg.get("name") == "sparse_learning":
+    if not 0.0 < method.max_pruning_ratio <= 1.0:
+        raise PruningError(f"method.max_pruning_ratio={method.max_pruning_ratio}: the per-layer cap is a share of a "
+                           "layer's channels in (0, 1], e.g. method.max_pruning_ratio=0.8")
+    if cfg.get("regularize", False):
         # DepGraph + SL: GroupNormPruner's regularize() is applied while training, then it prunes.
         method.pruner_cls = tp.pruner.GroupNormPruner
         method.pruner_kwargs = {"reg": float(cfg.get("reg", 5e-4)), "alpha": float(cfg.get("alpha", 4))}

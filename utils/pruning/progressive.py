@@ -1,6 +1,7 @@
 """Progressive structural pruning to a target speed-up with Torch-Pruning groups (docs/design.md section 6).
 
-Global pruning with a linear schedule of ``steps`` small steps towards ratio 1.0 and no per-layer cap;
+Global pruning with a linear schedule of ``steps`` small steps towards ratio 1.0 and no per-layer cap (a
+method's ``max_pruning_ratio`` sets one);
 the classifier keeps its outputs. After every step the speed-up ``base_macs / macs`` is recomputed with
 the exact fast counter, and pruning stops at the first step that reaches the target: the result is never
 below the target and overshoots by at most one step. ``base_macs`` is the *unpruned* network's count, so a
@@ -55,20 +56,22 @@ def _after_pruning(model: torch.nn.Module) -> None:
         zoo().after_pruning(model)
 
 
-def build_pruner(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor, steps: int,
-                 max_ratio: float = 1.0) -> tp.pruner.BasePruner:
+def build_pruner(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor,
+                 steps: int) -> tp.pruner.BasePruner:
     return method.pruner_cls(
         model, example_input, importance=method.importance, global_pruning=method.global_pruning,
-        pruning_ratio=1.0, iterative_steps=steps, max_pruning_ratio=max_ratio,
+        pruning_ratio=1.0, iterative_steps=steps, max_pruning_ratio=method.max_pruning_ratio,
         **pruning_kwargs(model), **method.pruner_kwargs,
     )
 
 
 def max_speed_up(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor, base_macs: int) -> float:
-    """Estimate of the largest reachable speed-up: every group pruned to ~5% of its channels (on a copy).
+    """Estimate of the largest reachable speed-up: every group pruned to ~5% of its channels (on a copy), or to
+    what the method's per-layer cap leaves when that is more.
 
     At least one channel per group is kept (one per head for attention); the estimate errs on the high
     side, so it never rejects a target the schedule could reach."""
+    least = max(0.05, 1.0 - method.max_pruning_ratio)
     probe = copy.deepcopy(model)
     kw = pruning_kwargs(probe)
     unwrapped = kw.get("unwrapped_parameters")
@@ -79,7 +82,7 @@ def max_speed_up(model: torch.nn.Module, method: PruningMethod, example_input: t
         n = len(group[0].idxs)
         per = next((heads[dep.target.module] for dep, _ in group if dep.target.module in heads), 1)
         width = n // per  # channels per head (per = 1: the whole group)
-        keep = max(1, math.ceil(0.05 * width))
+        keep = max(1, math.ceil(least * width))
         idxs = [h * width + j for h in range(per) for j in range(keep, width)]
         if idxs:
             group.prune(idxs=idxs)

@@ -68,6 +68,10 @@ class PruningScheme(abc.ABC):
         macs = counter()
         return {"speed_up": base_macs / macs, "macs": macs, "params": counter.params(), "sparsity": us.sparsity(model)}
 
+    def has_finetune_hook(self, stage: str) -> bool:
+        """Whether the fine-tuning ``stage`` trains with an ``after_backward`` hook (see :meth:`finetune_hook`)."""
+        return False
+
     def finetune_hook(self, model: torch.nn.Module, example: torch.Tensor, stage: str) -> Optional[Callable]:
         """An ``after_backward`` hook for the fine-tuning ``stage`` (None: plain training)."""
         return None
@@ -105,8 +109,11 @@ class ChannelScheme(PruningScheme):
                               on_step=on_step)
         return {"speed_up": r.speed_up, "macs": r.macs, "steps": r.steps}
 
+    def has_finetune_hook(self, stage):
+        return bool(self.cfg.get("regularize", False)) and stage == "finetune_after_metanetwork"
+
     def finetune_hook(self, model, example, stage):
-        if self.name == "sparse_learning" and stage == "finetune_after_metanetwork":
+        if self.has_finetune_hook(stage):
             return build_pruner(model, self.method, example, steps=1).regularize  # DepGraph + SL
         return None
 
@@ -176,9 +183,12 @@ class UnstructuredScheme(PruningScheme):
         out.update({f"{k}_conv_linear_macs": v for k, v in us.nonzero_macs(model, example).items()})
         return out
 
-    def finetune_hook(self, model, example, stage):
+    def has_finetune_hook(self, stage):
         # after pruning (and the initial pruning of data models) the zeros must stay zero
-        return us.keep_zeros(model) if stage in ("finetune_initial", "finetune_after_pruning") else None
+        return stage in ("finetune_initial", "finetune_after_pruning")
+
+    def finetune_hook(self, model, example, stage):
+        return us.keep_zeros(model) if self.has_finetune_hook(stage) else None
 
     def meta_regularizer(self, model, example, mt):
         nm = (self.n, self.m) if self.pattern == "nm" else (None, None)
