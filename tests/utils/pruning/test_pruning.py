@@ -130,3 +130,25 @@ def test_group_options_with_a_defaults_list_load_like_hydra_composes_them():
     assert reward.name == "rewarded_metapruning" and reward.search == base.search
     with pytest.raises(FileNotFoundError, match="method=nope: no such option; valid: .*group_l2_max"):
         load_group_option("method", "nope")
+
+
+def test_a_per_layer_cap_keeps_every_layer_where_global_pruning_empties_some():
+    """Global group-L2 on a network whose third stage is tiny cuts that stage to a sixth; under
+    max_pruning_ratio=0.5 every conv keeps about half of its channels (Torch-Pruning checks the cap before
+    each step, so a layer may end one step below it)."""
+    def widths(cap):
+        model = _trained_like("resnet20")
+        with torch.no_grad():  # make the last stage's channels weak, so the global ranking takes them first
+            for name, p in model.named_parameters():
+                if name.startswith("layer3") and p.dim() == 4:
+                    p.mul_(0.01)
+        config = dict(_CONFIGS["group_l2_capped"], max_pruning_ratio=cap)
+        progressive_prune(model, 1.6, build_method(config), torch.randn(1, 3, 32, 32))
+        return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+    full = {n: m.out_channels for n, m in create_model("resnet20").named_modules() if isinstance(m, torch.nn.Conv2d)}
+    capped, uncapped = widths(0.5), widths(1.0)
+    assert min(capped[n] / full[n] for n in full) >= 0.4
+    assert min(uncapped[n] / full[n] for n in full) < 0.2
+    with pytest.raises(PruningError, match="max_pruning_ratio=1.5"):
+        build_method(dict(_CONFIGS["group_l2_capped"], max_pruning_ratio=1.5))
