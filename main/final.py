@@ -9,7 +9,9 @@ scratch, initial pruning, fine-tuning; pick a ``K`` outside the data-model slots
 
 1. applies the metanetwork of epoch ``meta_epoch`` (``metanetwork=none``: the identical pipeline without
    it, the baseline), and fine-tunes with the "after metanetwork" schedule (selection on validation);
-   with ``method=sparse_learning`` that fine-tuning is Torch-Pruning's sparse learning (``regularize``);
+   with ``method=sparse_learning`` that fine-tuning is Torch-Pruning's sparse learning (``regularize``).
+   Without a metanetwork this fine-tune is the same for every criterion, so it is made once per target
+   network and seed and shared (:func:`baseline_finetune_dir`);
 2. prunes progressively with the method's criterion until the speed-up (against the *unpruned*
    network) reaches the target: never below it, at most one step above (unstructured methods,
    ``structure: unstructured``: ``target`` is the sparsity, the fraction of zeroed conv/linear weights,
@@ -30,6 +32,9 @@ compared through the same command and writes the same ``metrics.json`` keys.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -48,7 +53,7 @@ from nn.models import create_model
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, load_model, save_model
 from utils.convert import graph_to_model
-from utils.io import atomic_write_json, read_json
+from utils.io import atomic_write_json, file_lock, read_json
 from utils.latency import measure_latency
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
@@ -87,6 +92,18 @@ def pretrain_final(cfg: DictConfig) -> Dict[str, Any]:
     save_model(path, model, info=record.info)
     atomic_write_json(record.info, path.parent / "info.json")
     return record.info
+
+
+def baseline_finetune_dir(cfg: DictConfig, slot: int, scheme) -> Path:
+    """Where the after-metanetwork fine-tune of target ``slot`` *without* a metanetwork lives. It depends on the
+    target network, the schedule and the seed only, so every baseline that prunes this target shares it (the
+    benchmark computes it once per seed), except a method that fine-tunes with its own hook (sparse learning's
+    regulariser), which gets a folder of its own per setting. The stage's fingerprint guards the rest."""
+    root = Path(cfg.final_targets_dir) / f"target_{slot}" / "finetuned"
+    if not scheme.has_finetune_hook("finetune_after_metanetwork"):
+        return root / "plain"
+    settings = json.dumps(OmegaConf.to_container(cfg.method, resolve=True), sort_keys=True)
+    return root / f"{cfg.method.name}_{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
 
 
 def _stage(path: Path, device: torch.device):
@@ -129,17 +146,21 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     base = {f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}
 
     # 1. metanetwork (or not) and the after-metanetwork fine-tuning
-    model, _ = _stage(out / "after_metanetwork.pt", ctx.device)
-    if model is None:
-        t = time.time()
-        item = DataModel(slot, base_model, info)
-        metanet = load_metanetwork(cfg, item.graph, epoch, ctx.device) if use_meta else None
-        with torch.no_grad():
-            model = graph_to_model(apply_metanetwork(metanet, item.graph.to(ctx.device))).to(ctx.device)
-        train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", out, seed,
-                    after_backward=scheme.finetune_hook(model, example, "finetune_after_metanetwork"))
-        timings["after_metanetwork_s"] = time.time() - t
-        save_model(out / "after_metanetwork.pt", model, timings=timings)
+    stage_dir = out if use_meta else baseline_finetune_dir(cfg, slot, scheme)
+    with (file_lock(stage_dir / ".lock") if ctx.dist.world_size == 1 else contextlib.nullcontext()):
+        model, _ = _stage(stage_dir / "after_metanetwork.pt", ctx.device)
+        if model is None:
+            t = time.time()
+            item = DataModel(slot, base_model, info)
+            metanet = load_metanetwork(cfg, item.graph, epoch, ctx.device) if use_meta else None
+            with torch.no_grad():
+                model = graph_to_model(apply_metanetwork(metanet, item.graph.to(ctx.device))).to(ctx.device)
+            train_stage(cfg, ctx, model, loaders, "finetune_after_metanetwork", stage_dir, seed,
+                        after_backward=scheme.finetune_hook(model, example, "finetune_after_metanetwork"))
+            timings["after_metanetwork_s"] = time.time() - t
+            save_model(stage_dir / "after_metanetwork.pt", model, timings=timings)
+        elif stage_dir != out:
+            log.info("the after-metanetwork fine-tune of target %d is shared: %s", slot, stage_dir)
     # 2. progressive pruning to the target
     pruned, stage = _stage(out / "pruned.pt", ctx.device)
     if pruned is None:

@@ -6,13 +6,15 @@ read what rank 0 has just written waits at a barrier first (``utils.distributed.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, IO, Iterable
+from typing import Any, Callable, Dict, IO, Iterable, Iterator
 
 import torch
 
@@ -90,3 +92,17 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed) inside the block, so processes of one
+    machine that would compute the same shared result take turns: the second finds the first's result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -43,6 +43,23 @@ def test_pruning_final_reaches_the_target_and_saves_a_reloadable_network(root, o
     assert again["speed_up"] == metrics["speed_up"]
 
 
+def test_baselines_share_the_after_metanetwork_finetune_of_their_target(root, monkeypatch):
+    import main.final as final
+
+    plain = _cfg(root, "run=pruning_final", "target=1.6", "slot=100", "metanetwork=none")
+    dispatch(plain)
+    shared = Path(plain.final_targets_dir) / "target_100" / "finetuned" / "plain"
+    assert (shared / "after_metanetwork.pt").is_file()
+    stages, real = [], final.train_stage
+    monkeypatch.setattr(final, "train_stage", lambda cfg, ctx, model, loaders, stage, *a, **k:
+                        stages.append(stage) or real(cfg, ctx, model, loaders, stage, *a, **k))
+    other = _cfg(root, "run=pruning_final", "target=1.6", "slot=100", "metanetwork=none", "method=random",
+                 f"final_targets_dir={plain.final_targets_dir}")
+    metrics = dispatch(other)
+    assert stages == ["finetune_after_pruning"] and metrics["method"] == "random"  # found, not trained again
+    assert "after_metanetwork_s" not in metrics["timings"]
+
+
 def test_pruning_final_errors_are_early_and_clear(root):
     with pytest.raises(PruningError, match="unreachable"):
         dispatch(_cfg(root, "run=pruning_final", "index=5000", "reproduce_index=100", "metanetwork=none"))
