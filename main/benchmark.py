@@ -8,7 +8,11 @@ task are the same for all (the "no metanetwork" baselines fine-tune for the afte
 Methods with their own pipeline (MetaPruning, Rewarded meta-pruning) search widths and train the found
 network with their configured schedule instead; their metrics name their budget. The graph metanetwork
 is meta-trained once (seed ``benchmark.meta_seed``), its epoch chosen on validation curves
-(:func:`main.quickstart.selected_epoch`) unless ``meta_epoch=`` is given.
+(:func:`main.quickstart.selected_epoch`) unless ``meta_epoch=`` is given. A method entry whose ``metanetwork``
+is a mapping of metanetwork keys (``{layer: multiplicative, edit: additive}``: the published configuration)
+is a variant with its own meta-training on the same data models. Without a metanetwork, the
+after-metanetwork fine-tune of a seed's target network is the same for every criterion: it is made once
+and shared (``main.final.baseline_finetune_dir``), except sparse learning's, which is regularised.
 
 Each cell has two accuracies of the same pruned network: right after pruning, before any fine-tuning
 (``pruned_test_acc``, where criteria differ most), and after the equal fine-tuning budget (``test_acc``).
@@ -72,21 +76,32 @@ def _candidate_epochs(cfg: DictConfig) -> List[int]:
     return sorted({0, *(max(1, round(total * q / 4)) for q in (1, 2, 3, 4))})
 
 
-def _metanetwork(cfg: DictConfig, timings: Dict[str, float]) -> Dict[str, Any]:
-    """Data models, meta-training and the selected epoch, shared by every seed."""
+def metanetwork_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``metanetwork`` keys a method entry overrides: ``metanetwork: true`` is the task's metanetwork ({}),
+    a mapping (``{layer: multiplicative, edit: additive}``) that metanetwork with those keys changed."""
+    value = spec.get("metanetwork")
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, Any]) -> Dict[str, Any]:
+    """Data models, meta-training and the selected epoch of one metanetwork variant, shared by every seed. The
+    data models are the same for every variant (their store does not depend on the metanetwork)."""
     ref = dict(method=str(cfg.benchmark.reference_method), seed=int(cfg.benchmark.meta_seed))
+    keys = {f"metanetwork.{k}": v for k, v in variant.items()}
+    if variant:  # a meta-training run of its own
+        keys["run_name"] = f"{stage_config(cfg, 'meta_train', **ref).run_name}_{grid_tag(variant)}"
     t = time.time()
     dispatch(stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num), **ref))
-    dispatch(stage_config(cfg, "meta_train", **ref))
-    meta_dir = str(stage_config(cfg, "meta_train", **ref).meta_train_dir)
+    dispatch(stage_config(cfg, "meta_train", **ref, **keys))
+    meta_dir = str(stage_config(cfg, "meta_train", **ref, **keys).meta_train_dir)
     if cfg.get("meta_epoch") is not None:
         epoch, scores = int(cfg.meta_epoch), {}
     else:
-        vis = dispatch(stage_config(cfg, "visualize", epochs=_candidate_epochs(cfg), **ref))
+        vis = dispatch(stage_config(cfg, "visualize", epochs=_candidate_epochs(cfg), **ref, **keys))
         epoch, scores = selected_epoch(cfg, vis)
-    timings["metanetwork_s"] = round(time.time() - t, 1)
-    log.info("benchmark: metanetwork epoch %d from %s", epoch, meta_dir)
-    return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir}
+    timings["metanetwork_s"] = round(timings.get("metanetwork_s", 0.0) + time.time() - t, 1)
+    log.info("benchmark: metanetwork %s epoch %d from %s", grid_tag(variant) or "(task's)", epoch, meta_dir)
+    return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir, "variant": variant}
 
 
 # The two accuracies of every cell, measured on the same pruned network (run=pruning_final).
@@ -100,6 +115,14 @@ def paired_interval(diffs: Sequence[float], level: float = 0.95) -> Tuple[float,
         return mean, math.nan, math.nan
     half = float(student_t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def _paired(cells: List[Dict[str, Any]], reference: List[Dict[str, Any]], key: str) -> Tuple[float, float, float] | None:
+    """Mean paired difference ``cells - reference`` of ``key`` over the seeds both have, with its 95% interval."""
+    by_seed = {c["seed"]: c for c in reference}
+    diffs = [float(c[key]) - float(by_seed[c["seed"]][key]) for c in cells
+             if c.get(key) is not None and by_seed.get(c["seed"], {}).get(key) is not None]
+    return paired_interval(diffs) if diffs else None
 
 
 def _summary_row(label: str, target: float, cells: List[Dict[str, Any]],
@@ -116,40 +139,71 @@ def _summary_row(label: str, target: float, cells: List[Dict[str, Any]],
     row = {"method": label, "target_speed_up": target, "seeds": len(cells), "speed_up_mean": su,
            "speed_up_std": su_sd, "val_acc_mean": val,
            "base_test_acc_mean": statistics.mean(float(c["base_test_acc"]) for c in cells)}
-    by_seed = {c["seed"]: c for c in reference or []}
     for key in COLUMNS:
         row[f"{key}_mean"], row[f"{key}_std"] = stats(key, cells)
-        diffs = [float(c[key]) - float(by_seed[c["seed"]][key]) for c in cells
-                 if c.get(key) is not None and by_seed.get(c["seed"], {}).get(key) is not None]
-        if reference is not None and diffs:
-            mean, lo, hi = paired_interval(diffs)
+        paired = _paired(cells, reference, key) if reference is not None else None
+        if paired is not None:
+            mean, lo, hi = paired
             row.update({f"{key}_diff": mean, f"{key}_diff_lo": lo, f"{key}_diff_hi": hi,
                         f"{key}_separated": bool(lo > 0 or hi < 0)})  # the interval excludes 0
     return row
 
 
-def _cell(row: Dict[str, Any], key: str) -> str:
+def add_strongest(summary: List[Dict[str, Any]], cells_of: Dict[tuple, List[Dict[str, Any]]],
+                  baselines: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """For each target and column, the strongest baseline (highest mean of the methods in ``baselines``), and in
+    every other row the paired difference against it (``<column>_best_diff``, ``_lo``, ``_hi``, ``_separated``).
+    Returns ``{target: {column: strongest label}}``."""
+    strongest: Dict[str, Dict[str, str]] = {}
+    for row in summary:
+        t = row["target_speed_up"]
+        for key in COLUMNS:
+            means = {r["method"]: r[f"{key}_mean"] for r in summary
+                     if r["target_speed_up"] == t and r["method"] in baselines and r.get(f"{key}_mean") is not None}
+            if not means:
+                continue
+            best = max(means, key=means.get)
+            strongest.setdefault(f"{t:g}", {})[key] = best
+            paired = _paired(cells_of[row["method"], t], cells_of[best, t], key) if row["method"] != best else None
+            if paired is not None:
+                mean, lo, hi = paired
+                row.update({f"{key}_best_diff": mean, f"{key}_best_diff_lo": lo, f"{key}_best_diff_hi": hi,
+                            f"{key}_best_separated": bool(lo > 0 or hi < 0)})
+    return strongest
+
+
+def _cell(row: Dict[str, Any], key: str, best: bool) -> str:
     if row.get(f"{key}_mean") is None:
-        return "- | -"
-    diff = "-"
-    if f"{key}_diff" in row:
-        lo, hi = row[f"{key}_diff_lo"], row[f"{key}_diff_hi"]
-        diff = f"{row[f'{key}_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if row[f"{key}_separated"] else "")
-    return f"{row[f'{key}_mean']:.2f} ± {row[f'{key}_std']:.2f} | {diff}"
+        return "- | -" + (" | -" if best else "")
+
+    def diff(prefix: str) -> str:
+        if prefix + "diff" not in row:
+            return "-"
+        lo, hi = row[prefix + "diff_lo"], row[prefix + "diff_hi"]
+        return f"{row[prefix + 'diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if row[prefix + "separated"] else "")
+
+    parts = [f"{row[f'{key}_mean']:.2f} ± {row[f'{key}_std']:.2f}", diff(f"{key}_")]
+    return " | ".join(parts + ([diff(f"{key}_best_")] if best else []))
 
 
-def markdown(summary: List[Dict[str, Any]], targets: List[float], reference: str, test_images: int) -> str:
+def markdown(summary: List[Dict[str, Any]], targets: List[float], reference: str, test_images: int,
+             strongest: Dict[str, Dict[str, str]] | None = None) -> str:
     """One table per target: both columns, mean ± std over seeds, and the paired difference against
-    ``reference`` with its 95% interval (``*``: the interval excludes 0)."""
-    head = ["method", "speed-up"] + [f"{name}: {part}" for name in COLUMNS.values()
-                                     for part in ("test acc", f"vs {reference} [95% CI]")]
+    ``reference`` (and, given ``strongest``, against the strongest baseline of the column) with its 95%
+    interval (``*``: the interval excludes 0)."""
+    best = bool(strongest)
+    parts = ("test acc", f"vs {reference} [95% CI]") + (("vs strongest baseline [95% CI]",) if best else ())
+    head = ["method", "speed-up"] + [f"{name}: {part}" for name in COLUMNS.values() for part in parts]
     out = [f"Test split: {test_images} images, so one point is {test_images / 100:.2f} images. "
-           f"*: the paired 95% interval (t over seeds) of the difference to {reference} excludes 0.\n"]
+           f"*: the paired 95% interval (t over seeds) of the difference excludes 0.\n"]
     for t in targets:
-        out += [f"\n**{t:g}x**\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        named = ""
+        if best and f"{t:g}" in strongest:
+            named = " (strongest baseline: " + ", ".join(f"{COLUMNS[k]} {v}" for k, v in strongest[f"{t:g}"].items()) + ")"
+        out += [f"\n**{t:g}x**{named}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in (r for r in summary if r["target_speed_up"] == t):
             out.append(f"| {r['method']} | {r['speed_up_mean']:.2f}x | " +
-                       " | ".join(_cell(r, key) for key in COLUMNS) + " |")
+                       " | ".join(_cell(r, key, best) for key in COLUMNS) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -199,7 +253,7 @@ class _Cells:
     """Runs and caches the cells of one benchmark: one ``run=pruning_final`` per method, target, seed and grid
     point, on that seed's target network (trained once, with the reference criterion)."""
 
-    def __init__(self, cfg: DictConfig, cells_dir: Path, meta: Dict[str, Any] | None) -> None:
+    def __init__(self, cfg: DictConfig, cells_dir: Path, meta: Dict[str, Dict[str, Any]]) -> None:
         self.cfg, self.dir, self.meta = cfg, cells_dir, meta
         self.slot, self.reference = int(cfg.benchmark.target_index), str(cfg.benchmark.reference_method)
 
@@ -226,7 +280,9 @@ class _Cells:
             plain = stage_config(self.cfg, "pruning_final", method=spec["method"], seed=seed)
             values["run_name"] = f"{plain.run_name}_{tag}"
         if spec.get("metanetwork"):
-            values.update(meta_epoch=self.meta["epoch"], meta_train_dir=self.meta["meta_train_dir"])
+            meta = self.meta[grid_tag(metanetwork_variant(spec))]
+            values.update(meta_epoch=meta["epoch"], meta_train_dir=meta["meta_train_dir"],
+                          **{f"metanetwork.{k}": v for k, v in meta["variant"].items()})
         else:
             values["metanetwork"] = "none"
         t = time.time()
@@ -240,7 +296,7 @@ class _Cells:
         return row
 
 
-def _worker_job(cfg: DictConfig, cells_dir: str, meta: Dict[str, Any] | None, job: tuple) -> Any:
+def _worker_job(cfg: DictConfig, cells_dir: str, meta: Dict[str, Dict[str, Any]], job: tuple) -> Any:
     """One job in a worker process: ``("target", seed)`` or ``("cell", label, spec, target, seed, point)``."""
     root = logging.getLogger()
     if not root.handlers:  # a fresh (spawned) process: its own log file next to the cells
@@ -312,7 +368,8 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     if workers < 1:
         raise ConfigError(f"benchmark.workers={workers}: the number of cell processes is >= 1")
     t0, timings = time.time(), {}
-    meta = _metanetwork(cfg, timings) if any(s.get("metanetwork") for s in methods.values()) else None
+    variants = {grid_tag(metanetwork_variant(s)): metanetwork_variant(s) for s in methods.values() if s.get("metanetwork")}
+    meta = {tag: _metanetwork(cfg, timings, variant) for tag, variant in variants.items()}
     cells = _Cells(worker_config(cfg, workers), ctx.run_dir / "cells", meta)
     cells.dir.mkdir(parents=True, exist_ok=True)
     tune_seed = int(bench.get("tune_seed", seeds[0]))
@@ -338,7 +395,9 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
                 for label in methods for t in targets}
     summary = [_summary_row(label, t, cells_of[label, t], cells_of.get((compare, t)) if label != compare else None)
                for t in targets for label in methods]
-    table = markdown(summary, targets, compare, len(build_datasets(cfg.dataset).test))
+    baselines = [label for label, spec in methods.items() if not spec.get("metanetwork")]
+    strongest = add_strongest(summary, cells_of, baselines)
+    table = markdown(summary, targets, compare, len(build_datasets(cfg.dataset).test), strongest)
     if tuning:
         table += "\nChosen on the validation accuracy of seed " + f"{tune_seed}'s cells: " + "; ".join(
             f"{r['method']} {grid_tag(r['chosen'])} at {r['target_speed_up']:g}x" for r in tuning) + ".\n"
@@ -347,7 +406,9 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     write_csv(summary, ctx.run_dir / "benchmark_summary.csv")
     atomic_write_text(table, ctx.run_dir / "benchmark_table.md")
     result = {"table": table, "summary": summary, "cells": rows, "tuning": tuning, "timings": timings,
-              "task": cfg.task.name, "metanetwork_epoch": meta and meta["epoch"], "seeds": seeds, "workers": workers,
+              "strongest_baseline": strongest,
+              "task": cfg.task.name, "metanetwork_epochs": {tag or "task": m["epoch"] for tag, m in meta.items()},
+              "seeds": seeds, "workers": workers,
               "threads": cells.cfg.get("threads")}
     atomic_write_json(result, ctx.run_dir / "benchmark.json")
     stem = ctx.run_dir / "benchmark_acc_vs_speed_up"

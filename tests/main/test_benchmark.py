@@ -132,3 +132,40 @@ def test_markdown_table_reports_both_columns_and_marks_separated_pairs():
     assert "| better | 2.20x | 40.00 ± 3.81 | +28.40 [" in table and table.count("] *") == 2
     noisy_row = next(line for line in table.splitlines() if line.startswith("| noisy"))
     assert noisy_row.startswith("| noisy | 2.20x | - | - | 80.60 ± 8.47 | -1.40 [") and "] *" not in noisy_row
+
+
+def test_each_column_names_its_strongest_baseline_and_the_pairs_against_it():
+    reference = _cells([80, 81, 82, 83, 84], pruned=[10, 12, 11, 13, 12])
+    better = _cells([81, 82, 83, 84, 85], pruned=[40, 35, 45, 38, 42])  # the metanetwork row: +1 on every seed
+    noisy = _cells([70, 90, 75, 88, 80], pruned=[11, 13, 12, 14, 13])
+    cells_of = {("ref", 2.0): reference, ("better", 2.0): better, ("noisy", 2.0): noisy}
+    summary = [bm._summary_row(label, 2.0, cells, reference if label != "ref" else None)
+               for (label, _), cells in cells_of.items()]
+    strongest = bm.add_strongest(summary, cells_of, baselines=["ref", "noisy"])
+    # fine-tuned: ref 82.0 beats noisy 80.6; before fine-tuning: noisy 12.6 beats ref 11.6
+    assert strongest == {"2": {"test_acc": "ref", "pruned_test_acc": "noisy"}}
+    row = {r["method"]: r for r in summary}
+    assert row["better"]["test_acc_best_diff"] == pytest.approx(1.0) and row["better"]["test_acc_best_separated"]
+    assert row["better"]["pruned_test_acc_best_diff"] == pytest.approx(27.4)
+    assert "test_acc_best_diff" not in row["ref"] and "pruned_test_acc_best_diff" in row["ref"]
+    table = markdown(summary, [2.0], "ref", 10000, strongest)
+    assert "**2x** (strongest baseline: no fine-tuning noisy, fine-tuned ref)" in table
+    better_row = next(line for line in table.splitlines() if line.startswith("| better"))
+    assert better_row.count("[") == 4 and better_row.endswith("+1.00 [+1.00, +1.00] * |")
+
+
+@pytest.mark.slow
+def test_a_metanetwork_variant_meta_trains_on_its_own_and_prunes_with_its_settings(tmp_path, monkeypatch):
+    seen = []
+    real = bm.dispatch
+    monkeypatch.setattr(bm, "dispatch", lambda cfg: seen.append(cfg) or real(cfg))
+    methods = {"published": {"method": "group_l2_max", "metanetwork": {"edit": "additive", "magnitude_features": False}}}
+    cfg = _bench_cfg(tmp_path, methods)
+    with open_dict(cfg):
+        cfg.benchmark.seeds = [0]
+    result = bm.benchmark(cfg)
+    (meta,) = [c for c in seen if c.run == "meta_train"]
+    assert meta.run_name.endswith("_editadditive_magnitude_featuresFalse") and meta.metanetwork.edit == "additive"
+    finals = [c for c in seen if c.run == "pruning_final"]
+    assert finals and all(c.metanetwork.edit == "additive" and c.meta_train_dir == meta.meta_train_dir for c in finals)
+    assert set(result["metanetwork_epochs"]) == {"editadditive_magnitude_featuresFalse"}
