@@ -148,3 +148,20 @@ def test_other_image_size_is_refused(tmp_path):
     write_fashion(tmp_path / "data" / "fashion_mnist")
     with pytest.raises(ValueError, match="28x28"):
         build_datasets(cfg(tmp_path / "data", image_size=32))
+
+
+def test_the_fashion_mnist_task_trains_on_tiny_files(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from main.run_modes import dispatch
+
+    write_fashion(tmp_path / "datasets" / "fashion_mnist", n_train=120, n_test=20)
+    root = Path(__file__).resolve().parents[2] / "configs"
+    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+        cfg = compose("main", overrides=["task=resnet20_on_fashion_mnist", "model=resnet8", "debug=smoke",
+                                         f"paths.root_dir={tmp_path}", f"dataset.system_dir={tmp_path}/none",
+                                         "dataset.val_size=20", "dataset.train_size=50", "progress=false"])
+    assert cfg.dataset.name == "fashion_mnist" and cfg.task.pruning.benchmark_speed_ups == [3.0, 4.0]
+    metrics = dispatch(cfg)
+    assert metrics["dataset"] == "fashion_mnist" and metrics["epochs_run"] == 1 and 0 <= metrics["test_acc"] <= 100
+    assert metrics["macs"] > 0
