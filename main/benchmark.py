@@ -39,7 +39,7 @@ Each finished cell (method, speed-up, seed[, grid point]) is saved as ``cells/<m
 re-run skips finished cells. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
 ``benchmark_summary.csv`` and ``benchmark_table.md`` (per target: both columns, with the reached speed-up),
 and ``benchmark_acc_vs_speed_up.png/.pdf`` (a panel per column, a band per method for the interval of its
-mean; also copied to ``paths.figures_dir``).
+mean; ``figures/make_figures.py --benchmark-run`` redraws it from ``benchmark.json``).
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -205,6 +204,10 @@ def markdown(summary: List[Dict[str, Any]], targets: List[float], reference: str
             out.append(f"| {r['method']} | {r['speed_up_mean']:.2f}x | " +
                        " | ".join(_cell(r, key, best) for key in COLUMNS) + " |")
     return "\n".join(out) + "\n"
+
+
+def benchmark_title(result: Dict[str, Any]) -> str:
+    return f"{result['task']}: {len(result['seeds'])} seeds, equal fine-tuning budgets"
 
 
 def plot(summary: List[Dict[str, Any]], stem: Path, title: str) -> None:
@@ -411,11 +414,7 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
               "seeds": seeds, "workers": workers,
               "threads": cells.cfg.get("threads")}
     atomic_write_json(result, ctx.run_dir / "benchmark.json")
-    stem = ctx.run_dir / "benchmark_acc_vs_speed_up"
-    plot(summary, stem, f"{cfg.task.name}: {len(seeds)} seeds, equal fine-tuning budgets")
-    figures = Path(cfg.paths.figures_dir)
-    figures.mkdir(parents=True, exist_ok=True)
-    for suffix in (".png", ".pdf"):
-        shutil.copyfile(stem.with_suffix(suffix), figures / f"benchmark_{cfg.task.name}{suffix}")
+    stem = ctx.run_dir / "benchmark_acc_vs_speed_up"  # the run directory only: a run never touches the checkout
+    plot(summary, stem, benchmark_title(result))
     print(f"\n{table}\nresults in {ctx.run_dir}; {timings['total_s']:.0f} s")
     return result

@@ -14,9 +14,9 @@ directory, so every stage is resumable and can be re-run or inspected on its own
    ``metanetwork=none`` (the identical pipeline and budget without it).
 
 It then prints a Markdown table (val and test accuracy, speed-up, MACs, latency per variant and target),
-and writes ``quickstart_results.{json,csv,md}`` into its run directory and the test-accuracy-vs-speed-up
-plot into ``paths.figures_dir`` (``quickstart_acc_vs_speed_up.png``/``.pdf``). Test accuracy is read once
-per final network; no selection uses it.
+and writes ``quickstart_results.{json,csv,md}`` and the test-accuracy-vs-speed-up plot
+(``quickstart_acc_vs_speed_up.png``/``.pdf``) into its run directory; ``figures/make_figures.py`` redraws the
+README's copy from the JSON. Test accuracy is read once per final network; no selection uses it.
 """
 from __future__ import annotations
 
@@ -129,6 +129,10 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quickstart_title(summary: Dict[str, Any]) -> str:
+    return f"{summary['task']}, {summary['method']}, seed {summary['seed']}"
+
+
 def plot_results(rows: List[Dict[str, Any]], stem: Path, title: str) -> None:
     """Test accuracy vs reached speed-up, one line per variant, as ``stem``.png and ``stem``.pdf."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -192,8 +196,8 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     atomic_write_json(summary, ctx.run_dir / "quickstart_results.json")
     write_csv(rows, ctx.run_dir / "quickstart_results.csv")
     atomic_write_text(table, ctx.run_dir / "quickstart_results.md")
-    figure = Path(cfg.paths.figures_dir) / "quickstart_acc_vs_speed_up"
-    plot_results(rows, figure, f"{cfg.task.name}, {cfg.method.name}, seed {int(cfg.seed)}")
+    figure = ctx.run_dir / "quickstart_acc_vs_speed_up"  # the run directory only: a run never touches the checkout
+    plot_results(rows, figure, quickstart_title(summary))
     print(f"\n{table}\nselected metanetwork epoch {epoch}; results in {ctx.run_dir}; plot {figure}.png; "
           f"{timings['total_s']:.0f} s in total")
     return {**summary, "table": table, "figure": str(figure.with_suffix(".png"))}

@@ -45,7 +45,8 @@ def test_benchmark_fills_every_cell_and_a_rerun_skips_them(tmp_path, monkeypatch
     for seed in (0, 1):
         bases = {c["base_test_acc"] for c in result["cells"] if c["seed"] == seed}
         assert len(bases) == 1
-    assert (tmp_path / "figures" / "benchmark_resnet20_on_digits.png").stat().st_size > 0
+    assert (Path(cfg.run_dir) / "benchmark_acc_vs_speed_up.png").stat().st_size > 0
+    assert not (tmp_path / "figures").exists()  # nothing outside the run directories
     calls.clear()
     again = bm.benchmark(_bench_cfg(tmp_path, METHODS))
     assert "pruning_final" not in calls and again["cells"] == result["cells"]
