@@ -106,6 +106,25 @@ def baseline_finetune_dir(cfg: DictConfig, slot: int, scheme) -> Path:
     return root / f"{cfg.method.name}_{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
 
 
+def target_accuracy(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loaders, source: Path) -> Dict[str, Any]:
+    """``base_{val,test}_{acc,loss}`` of the target network ``source``, measured once per data setting and kept
+    beside it (every method of a benchmark prunes the same network: no need to evaluate it in every cell)."""
+    def measure() -> Dict[str, Any]:
+        return {f"base_{k}": v for k, v in evaluate_splits(model, loaders, ctx, ("val", "test")).items()}
+
+    if ctx.dist.world_size > 1:  # every rank takes part in the sharded evaluation
+        return measure()
+    fingerprint = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "limits": vars(ctx.limits),
+                   "model": hashlib.sha1(source.read_bytes()).hexdigest()}
+    cache = source.parent / "base_metrics.json"
+    with file_lock(source.parent / ".lock"):
+        if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
+            return read_json(cache)["metrics"]
+        metrics = measure()
+        atomic_write_json({"fingerprint": fingerprint, "metrics": metrics}, cache)
+    return metrics
+
+
 def _stage(path: Path, device: torch.device):
     """The network saved after a finished stage, or None."""
     if not path.exists():
@@ -143,7 +162,7 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     scheme.check_target(base_model, target, example, base_macs)  # before any fine-tuning
     if cfg.get("export_onnx"):
         require_export_extra()  # before any work, not after the fine-tuning
-    base = {f"base_{k}": v for k, v in evaluate_splits(base_model, loaders, ctx, ("val", "test")).items()}
+    base = target_accuracy(cfg, ctx, base_model, loaders, source)
 
     # 1. metanetwork (or not) and the after-metanetwork fine-tuning
     stage_dir = out if use_meta else baseline_finetune_dir(cfg, slot, scheme)

@@ -58,6 +58,9 @@ def test_baselines_share_the_after_metanetwork_finetune_of_their_target(root, mo
     metrics = dispatch(other)
     assert stages == ["finetune_after_pruning"] and metrics["method"] == "random"  # found, not trained again
     assert "after_metanetwork_s" not in metrics["timings"]
+    # the target network's own accuracy is measured once and kept beside it
+    cached = read_json(Path(plain.final_targets_dir) / "target_100" / "base_metrics.json")["metrics"]
+    assert cached["base_test_acc"] == metrics["base_test_acc"] and cached["base_val_acc"] == metrics["base_val_acc"]
 
 
 def test_pruning_final_errors_are_early_and_clear(root):
