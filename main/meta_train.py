@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from utils import distributed as du
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.convert import NetworkGraph, graph_to_model, graph_to_state_dict
 from utils.io import atomic_save, atomic_write_json, write_csv
+from utils.pruning.prune_mask import PruneMask
 from utils.pruning.schemes import scheme_for
 from utils.pruning.selectivity import selectivity, weight_norm_sq
 from utils.train import evaluate
@@ -93,6 +94,20 @@ def load_metanetwork(cfg: DictConfig, graph: NetworkGraph, epoch: int, device: t
     return metanet.eval()
 
 
+def prune_aware_settings(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+    """``task.meta_train.prune_aware`` as a dict when its weight is above 0 (the term is on), else None."""
+    pa = cfg.task.meta_train.get("prune_aware")
+    if pa is None or float(pa.get("weight", 0.0)) <= 0.0:
+        return None
+    targets = [float(t) for t in pa.get("targets") or []]
+    if not targets or any(t <= 1.0 for t in targets):
+        raise ConfigError(f"task.meta_train.prune_aware.targets={targets}: the speed-ups (> 1) to prune to in the "
+                          "prune-aware term, e.g. task.meta_train.prune_aware.targets=[3.0]")
+    if scheme_for(cfg.method).axis != "speed_up":
+        raise ConfigError(f"task.meta_train.prune_aware is for channel pruning; method={cfg.method.name} is unstructured")
+    return {"weight": float(pa.weight), "targets": targets, "straight_through": bool(pa.get("straight_through", False))}
+
+
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Copy ``state`` (e.g. a metanetwork's output weights) into ``model``'s parameters and buffers, in place."""
     with torch.no_grad():
@@ -108,6 +123,7 @@ class _Work:
     regularize: Callable[[torch.nn.Module], None]  # adds the sparsity gradient (GroupNormPruner.regularize)
     graph: NetworkGraph
     params: List[str]
+    mask: Optional[PruneMask] = None  # prune-aware term: the criterion's one-shot selection on this network
 
 
 BALANCES = ("fixed", "constrained")
@@ -169,6 +185,7 @@ class MetaTrainer:
         self._work: Dict[int, _Work] = {}
         self.scheme = scheme_for(cfg.method)
         self.budget = budget
+        self.prune_aware = prune_aware_settings(cfg)
         # the network passes in channels-last, as the training loops (``channels_last``): faster on the CPU
         self.layout = torch.channels_last if bool(cfg.channels_last) else torch.contiguous_format
 
@@ -176,13 +193,15 @@ class MetaTrainer:
         if item.slot not in self._work:
             model = copy.deepcopy(item.model).to(self.ctx.device).eval()
             regularize = self.scheme.meta_regularizer(model, self.example, self.mt)
+            mask = PruneMask(model, self.scheme.method, self.example) if self.prune_aware else None
             model.to(memory_format=self.layout)  # load_weights copies W into these strides
             params = [n for n, _ in model.named_parameters()]
-            self._work[item.slot] = _Work(model, regularize, item.graph.to(self.ctx.device), params)
+            self._work[item.slot] = _Work(model, regularize, item.graph.to(self.ctx.device), params, mask)
         return self._work[item.slot]
 
-    def step(self, item: DataModel, batches: Iterator) -> Dict[str, Any]:
-        """One meta-training step on ``item``; returns losses, timings and whether it was finite."""
+    def step(self, item: DataModel, batches: Iterator, target: Optional[float] = None) -> Dict[str, Any]:
+        """One meta-training step on ``item``; returns losses, timings and whether it was finite. With the
+        prune-aware term on, ``target`` is the speed-up its network is pruned to (see :meth:`pruned_loss`)."""
         w = self.work(item)
         times: Dict[str, float] = {}
         t = time.perf_counter()
@@ -192,14 +211,16 @@ class MetaTrainer:
         t = time.perf_counter()
         load_weights(w.model, state)  # the work copy holds W; gradients are taken with respect to it
         w.model.zero_grad(set_to_none=False)
-        task_loss = 0.0
+        task_loss, step_batches = 0.0, []
         for _ in range(int(self.mt.batches_per_step)):
             x, y = next(batches)
             x = x.to(self.ctx.device, non_blocking=True, memory_format=self.layout)
             y = y.to(self.ctx.device, non_blocking=True)
+            step_batches.append((x, y))
             loss = F.cross_entropy(w.model(x), y)  # summed over the step's batches (docs/design.md section 5)
             loss.backward()
             task_loss += loss.item()
+        pruned_loss = self.pruned_loss(w, item, state, step_batches, target) if self.prune_aware else None
         times["data_s"] = time.perf_counter() - t
         t = time.perf_counter()
         params = dict(w.model.named_parameters())
@@ -223,7 +244,40 @@ class MetaTrainer:
         if finite:  # one vector-Jacobian product through the conversion and the metanetwork
             torch.autograd.backward([state[w.params[i]] for i in edited], [grads[i] for i in edited])
         times["metanet_bwd_s"] = time.perf_counter() - t
-        return {"task_loss": task_loss, "sparsity": sparsity, "task_weight": task_weight, "finite": finite, **times}
+        extra = {} if pruned_loss is None else {"pruned_task_loss": pruned_loss, "prune_target": target}
+        finite = finite and (pruned_loss is None or math.isfinite(pruned_loss))
+        return {"task_loss": task_loss, "sparsity": sparsity, "task_weight": task_weight, "finite": finite, **extra,
+                **times}
+
+    def pruned_loss(self, w: _Work, item: DataModel, state: Dict[str, torch.Tensor], step_batches, target: float) -> float:
+        """The prune-aware term: the task loss of the output network pruned to ``target`` by the criterion.
+
+        The channels the criterion removes (:class:`utils.pruning.prune_mask.PruneMask`, chosen from W with no
+        gradient) are zeroed in the work copy, the same batches pass through it, and ``weight`` times the
+        gradient is added to the gradients already accumulated: on the kept weights only, or (``straight_through``)
+        on the removed ones too, as if they had not been zeroed. The work copy holds W again afterwards."""
+        pa = self.prune_aware
+        kept = w.mask.select(float(target), float(item.info["base_macs"]))
+        masks = w.mask.weight_masks(kept)
+        full = {n: p.grad.clone() for n, p in w.model.named_parameters()}
+        with torch.no_grad():
+            for p, m in masks.items():
+                p.mul_(m)
+        w.model.zero_grad(set_to_none=False)
+        loss_sum = 0.0
+        for x, y in step_batches:
+            loss = F.cross_entropy(w.model(x), y)
+            loss.backward()
+            loss_sum += loss.item()
+        with torch.no_grad():
+            for n, p in w.model.named_parameters():
+                g = p.grad
+                if not pa["straight_through"] and p in masks:
+                    g.mul_(masks[p])
+                g.mul_(pa["weight"]).add_(full[n])
+        load_weights(w.model, state)  # W again (the regulariser reads it); copying data leaves .grad as it is
+        return loss_sum
+
 
 
 META_OPTIMIZERS = ("adamw", "nsgd")
@@ -377,8 +431,10 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     trainer = MetaTrainer(cfg, ctx, wrapped, example, state.budget)
     optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
                                                            state.start, state.rows, state.val_rows)
+    pa = trainer.prune_aware
+    at_targets = {"method": trainer.scheme.method, "targets": sorted(pa["targets"])} if pa else {}
     if start == 0:
-        val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0))
+        val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0, **at_targets))
     max_bad, bad, name = int(mt.max_bad_steps), 0, str(mt.get("optimizer", "adamw"))
     for epoch in range(start, epochs):
         order = list(range(len(train_set)))
@@ -394,8 +450,11 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
                       leave=False):
             item = train_set[order[s * world + rank]]
             optimizer.zero_grad(set_to_none=True)
+            target = None
+            if trainer.prune_aware:  # a target per step, the same on every rank and after a resume
+                target = random.Random(seed * 7919 + epoch * 100003 + s).choice(trainer.prune_aware["targets"])
             with wrapped.no_sync() if wrapped is not metanet else contextlib.nullcontext():
-                r = trainer.step(item, batches)
+                r = trainer.step(item, batches, target)
             task_loss, sparsity = (v / world for v in du.all_reduce_sum([r["task_loss"], r["sparsity"]]))
             if state.budget is not None:  # the same mean loss on every rank: the multipliers stay equal
                 state.budget.update(task_loss / int(mt.batches_per_step))
@@ -416,7 +475,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
                          **{k: v for k, v in r.items() if k != "finite"}, "task_loss": task_loss,
                          "sparsity": sparsity, "skipped": not ok})  # losses: the mean over the ranks
         scheduler.step()
-        val_rows.append(validate(ctx, metanet, val_set, loaders, example, epoch=epoch + 1))
+        val_rows.append(validate(ctx, metanet, val_set, loaders, example, epoch=epoch + 1, **at_targets))
         atomic_save({"metanetwork": metanet.state_dict(), "epoch": epoch + 1,
                      "metanetwork_cfg": OmegaConf.to_container(cfg.metanetwork, resolve=True)},
                     epoch_checkpoint(meta_dir, epoch + 1))
@@ -440,10 +499,12 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: torch.Tensor,
-             epoch: int) -> Dict[str, Any]:
+             epoch: int, method=None, targets: Sequence[float] = ()) -> Dict[str, Any]:
     """Cheap per-epoch figures on the validation data models: accuracy of the output network without any
     fine-tuning, how selectively its channels are sized (:mod:`utils.pruning.selectivity`: the share of
-    channels below 10% of their group's largest norm, the within-group min/max norm ratio) and ||W||^2."""
+    channels below 10% of their group's largest norm, the within-group min/max norm ratio) and ||W||^2.
+    With ``targets`` (the prune-aware term's) also ``val_acc_at_<t>x``: the output network with the channels
+    that ``method`` removes at ``t`` zeroed (:class:`PruneMask`), without fine-tuning."""
     accs, sel = [], []
     for item in val_set:
         with torch.no_grad():
@@ -452,6 +513,13 @@ def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: 
         accs.append(evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"])
         sel.append(selectivity(model, example))
         sel[-1]["norm_sq"] = weight_norm_sq(model)
+        if targets:
+            mask = PruneMask(model, method, example)
+            for t in targets:
+                with torch.no_grad():
+                    for p, m in mask.weight_masks(mask.select(t, float(item.info["base_macs"]))).items():
+                        p.mul_(m)  # the masks only remove: pruning to the larger target next is unaffected
+                sel[-1][f"val_acc_at_{t:g}x"] = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
     mean = {k: sum(d[k] for d in sel) / len(sel) for k in sel[0]}
     return {"epoch": epoch, "val_acc": sum(accs) / len(accs), **mean}
 

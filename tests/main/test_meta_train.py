@@ -45,16 +45,21 @@ def _trainer(cfg):
     return mt.MetaTrainer(cfg, ctx, metanet, torch.zeros(1, 3, 16, 16)), metanet, data[0]
 
 
-@pytest.mark.parametrize("reg", [0.0, 10.0])
-def test_single_vjp_equals_backpropagating_the_summed_loss(store, reg):
-    cfg = _cfg(store, f"task.meta_train.pruner_reg={reg}", "metanetwork.edit=additive")  # the published edit
+def _perturbed_trainer(cfg):
+    """A trainer whose metanetwork is moved off the identity (so the edit is not negligible), and two batches."""
     trainer, metanet, item = _trainer(cfg)
     torch.manual_seed(1)
     batches = [(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))) for _ in range(2)]
-    # Perturb the metanetwork's output so the edit is not negligible.
     with torch.no_grad():
         for p in metanet.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return trainer, metanet, item, batches
+
+
+@pytest.mark.parametrize("reg", [0.0, 10.0])
+def test_single_vjp_equals_backpropagating_the_summed_loss(store, reg):
+    cfg = _cfg(store, f"task.meta_train.pruner_reg={reg}", "metanetwork.edit=additive")  # the published edit
+    trainer, metanet, item, batches = _perturbed_trainer(cfg)
     trainer.step(item, iter(batches))
     fast = [p.grad.clone() for p in metanet.parameters()]
     metanet.zero_grad()
@@ -79,6 +84,55 @@ def test_single_vjp_equals_backpropagating_the_summed_loss(store, reg):
     assert any(a.abs().sum() > 0 for a in fast)
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_the_prune_aware_term_adds_the_gradient_of_the_pruned_networks_loss(store, straight_through):
+    """With reg 0: the metanetwork's gradient is that of sum_b CE(net_W(x_b)) + weight * sum_b CE(net_{W*m}(x_b)),
+    m the criterion's selection at the target (held fixed); straight-through passes the masked loss's gradient to
+    the removed weights as if W * m were W."""
+    weight = 0.5
+    cfg = _cfg(store, "task.meta_train.pruner_reg=0", "task.meta_train.prune_aware.weight=0.5",
+               "task.meta_train.prune_aware.targets=[1.6]",
+               f"task.meta_train.prune_aware.straight_through={straight_through}")
+    trainer, metanet, item, batches = _perturbed_trainer(cfg)
+    r = trainer.step(item, iter(batches), target=1.6)
+    fast = [p.grad.clone() for p in metanet.parameters()]
+    metanet.zero_grad()
+    assert r["prune_target"] == 1.6 and r["pruned_task_loss"] > r["task_loss"]  # removing channels costs loss
+
+    state = graph_to_state_dict(mt.apply_metanetwork(metanet, item.graph))
+    w = trainer.work(item)
+    masks = {n: w.mask.weight_masks(w.mask.select(1.6, item.info["base_macs"])).get(p) for n, p in
+             w.model.named_parameters()}
+    assert sum(int((m == 0).sum()) for m in masks.values() if m is not None) > 0
+    net = copy.deepcopy(item.model).eval()
+    if straight_through:  # the value of W * m, the gradient of W
+        masked = {n: v if masks.get(n) is None else v + (v * masks[n] - v).detach() for n, v in state.items()}
+    else:
+        masked = {n: v if masks.get(n) is None else v * masks[n] for n, v in state.items()}
+    loss = sum(F.cross_entropy(torch.func.functional_call(net, state, (x,)), y) for x, y in batches)
+    loss = loss + weight * sum(F.cross_entropy(torch.func.functional_call(net, masked, (x,)), y) for x, y in batches)
+    loss.backward()
+    for a, b in zip(fast, (p.grad for p in metanet.parameters())):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_prune_aware_run_logs_the_pruned_loss_and_validates_at_its_targets(store):
+    cfg = _cfg(store, "run=meta_train", "run_name=prune_aware", "task.meta_train.prune_aware.weight=1",
+               "task.meta_train.prune_aware.targets=[1.3,1.6]")
+    dispatch(cfg)
+    meta_dir = Path(cfg.meta_train_dir)
+    rows = (meta_dir / "meta_losses.csv").read_text().splitlines()
+    assert "pruned_task_loss" in rows[0] and "prune_target" in rows[0] and len(rows) == 1 + 2 * 3
+    val = (meta_dir / "meta_val.csv").read_text().splitlines()
+    assert "val_acc_at_1.3x" in val[0] and "val_acc_at_1.6x" in val[0] and len(val) == 1 + 3  # epoch 0 too
+
+
+def test_prune_aware_settings_are_checked(store):
+    with pytest.raises(mt.ConfigError, match="prune_aware.targets"):
+        mt.prune_aware_settings(_cfg(store, "task.meta_train.prune_aware.weight=1", "task.meta_train.prune_aware.targets=[]"))
+    assert mt.prune_aware_settings(_cfg(store)) is None  # off by default: the published objective
+
+
 @pytest.mark.parametrize("balance", ["fixed", "constrained"])
 def test_meta_train_writes_checkpoints_and_resumes_bit_identically(store, monkeypatch, balance):
     extra = [f"task.meta_train.balance={balance}", "task.meta_train.task_budget=0.05"]
@@ -95,11 +149,11 @@ def test_meta_train_writes_checkpoints_and_resumes_bit_identically(store, monkey
     cut = _cfg(store, "run=meta_train", f"run_name=cut_{balance}", *extra)
     real, calls = mt.MetaTrainer.step, []
 
-    def dies(self, item, batches):
+    def dies(self, item, batches, *target):
         calls.append(item.slot)
         if len(calls) == 5:
             raise RuntimeError("killed")
-        return real(self, item, batches)
+        return real(self, item, batches, *target)
 
     monkeypatch.setattr(mt.MetaTrainer, "step", dies)
     with pytest.raises(RuntimeError, match="killed"):
@@ -155,7 +209,7 @@ def test_constrained_balance_weights_the_task_gradient(store):
 
 
 def test_non_finite_steps_are_skipped_then_stop(store, monkeypatch):
-    monkeypatch.setattr(mt.MetaTrainer, "step", lambda self, item, b: {"task_loss": float("nan"), "sparsity": 0.0,
+    monkeypatch.setattr(mt.MetaTrainer, "step", lambda self, item, b, *target: {"task_loss": float("nan"), "sparsity": 0.0,
                                                                         "finite": False})
     with pytest.raises(FloatingPointError, match="not finite"):
         dispatch(_cfg(store, "run=meta_train", "run_name=nan", "task.meta_train.max_bad_steps=2"))
