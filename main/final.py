@@ -139,7 +139,11 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     target = run_argument(cfg, "target")
     if target is None:
         raise ConfigError("run=pruning_final needs the target speed-up as target=..., e.g. target=2.3 slot=100")
-    target = float(target)
+    try:
+        target = float(target)
+    except (TypeError, ValueError):
+        raise ConfigError(f"target={target!r} is not a number: give the speed-up (the sparsity for unstructured "
+                          "methods), e.g. target=2.3") from None
     pipeline = str(cfg.method.get("pipeline", "progressive"))
     if pipeline != "progressive":
         return FINAL_PIPELINES.get(pipeline)(cfg, ctx, target)

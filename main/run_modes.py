@@ -62,6 +62,10 @@ def check_top_level(cfg: DictConfig) -> None:
             want = getattr(types, "__name__", "integer or null")
             raise ConfigError(f"{key}={value!r} is not valid: expected {want}, e.g. {key}=" +
                               {"seed": "7", "resume": "false", "progress": "false"}.get(key, "2"))
+    threads = cfg.get("threads")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads={threads}: torch's CPU threads are >= 1 (or null, torch's default: one per core), "
+                          "e.g. threads=2")
 
 
 def run_argument(cfg: DictConfig, name: str, alias: str = "index") -> Any:

@@ -64,6 +64,10 @@ def test_baselines_share_the_after_metanetwork_finetune_of_their_target(root, mo
 
 
 def test_pruning_final_errors_are_early_and_clear(root):
+    with pytest.raises(ConfigError, match="target='abc' is not a number"):
+        dispatch(_cfg(root, "run=pruning_final", "target=abc", "slot=100", "metanetwork=none"))
+    with pytest.raises(PruningError, match=r"target=0.5 is not above this network's current speed-up \(1\.3"):
+        dispatch(_cfg(root, "run=pruning_final", "target=0.5", "slot=100", "metanetwork=none"))
     with pytest.raises(PruningError, match="unreachable"):
         dispatch(_cfg(root, "run=pruning_final", "index=5000", "reproduce_index=100", "metanetwork=none"))
     with pytest.raises(CheckpointError, match="target_7/model.pt does not exist.*run=pretrain_final slot=7"):

@@ -73,7 +73,9 @@ def test_cli_rejects_unknown_run_mode_and_missing_dataset(tmp_path):
 
 @pytest.mark.parametrize("override,message", [("seed=abc", "seed='abc' is not valid"),
                                               ("resume=maybe", "resume='maybe' is not valid"),
-                                              ("device=tpu", "device='tpu'")])
+                                              ("device=tpu", "device='tpu'"),
+                                              ("threads=-2", "threads=-2: torch's CPU threads are >= 1"),
+                                              ("threads=0", "threads=0: torch's CPU threads are >= 1")])
 def test_mistyped_top_level_values_are_config_errors(override, message, tmp_path):
     from main.run_modes import ConfigError
 

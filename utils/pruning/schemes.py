@@ -97,6 +97,10 @@ class ChannelScheme(PruningScheme):
         return float(vis.max_speed_up)
 
     def check_target(self, model, target, example, base_macs) -> None:
+        current = base_macs / MacCounter(model, example[:1])()
+        if target <= current + 1e-9:
+            raise PruningError(f"target={target:g} is not above this network's current speed-up ({current:.2f}x): "
+                               f"give a speed-up above it, e.g. target={max(2.0, round(current + 1)):g}")
         reachable = max_speed_up(model, self.method, example, base_macs)
         if target > reachable:
             raise PruningError(f"a {target:g}x speed-up is unreachable for this network (at most about "
