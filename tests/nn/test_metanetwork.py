@@ -40,7 +40,9 @@ def synthetic_graph(num_nodes: int = 40, seed: int = 0, num_isolated: int = 3) -
 # the published additive edit, the per-channel scale with magnitude features (model.py's docstring), and the
 # published layer's multiplicative rule with the digits default's relative scale
 VARIANTS = {"additive": {}, "channel_scale": {"edit": "channel_scale", "magnitude_features": True},
-            "multiplicative": {"layer": "multiplicative", "edit": "relative_scale", "magnitude_features": True}}
+            "multiplicative": {"layer": "multiplicative", "edit": "relative_scale", "magnitude_features": True},
+            # the shipped default of the digits and Fashion-MNIST tasks
+            "shipped": {"layer": "fast", "edit": "relative_scale", "magnitude_features": True}}
 
 
 def make_meta(graph: NetworkGraph, **kw) -> GraphMetanetwork:
