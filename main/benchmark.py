@@ -279,9 +279,10 @@ class _Cells:
         target_cfg = self.target_network(seed)
         values: Dict[str, Any] = dict(target=target, seed=seed, slot=self.slot, method=spec["method"],
                                       final_targets_dir=str(target_cfg.final_targets_dir), **(point or {}))
-        if tag:  # its own run directory: the settings differ from the method's defaults
+        variant = grid_tag(metanetwork_variant(spec))
+        if tag or variant:  # its own run directory: the settings differ from the method's defaults
             plain = stage_config(self.cfg, "pruning_final", method=spec["method"], seed=seed)
-            values["run_name"] = f"{plain.run_name}_{tag}"
+            values["run_name"] = "_".join(filter(None, (plain.run_name, variant, tag)))
         if spec.get("metanetwork"):
             meta = self.meta[grid_tag(metanetwork_variant(spec))]
             values.update(meta_epoch=meta["epoch"], meta_train_dir=meta["meta_train_dir"],

@@ -46,12 +46,12 @@ from omegaconf import DictConfig, OmegaConf
 from data_loaders.data_models import DataModel
 from main.export import export_checked, real_batch, require_export_extra
 from main.generate import make_data_model
-from main.meta_train import apply_metanetwork, load_metanetwork
+from main.meta_train import apply_metanetwork, epoch_checkpoint, load_metanetwork
 from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_argument
 from main.stages import data_for, evaluate_splits, example_input, train_stage
 from nn.models import create_model
 from utils import distributed as du
-from utils.checkpoint import CheckpointError, load_model, save_model
+from utils.checkpoint import CheckpointError, check_fingerprint, load_model, plain, save_model
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json, file_lock, read_json
 from utils.latency import measure_latency
@@ -106,6 +106,31 @@ def baseline_finetune_dir(cfg: DictConfig, slot: int, scheme) -> Path:
     return root / f"{cfg.method.name}_{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def check_stage_inputs(cfg: DictConfig, ctx: RunContext, out: Path, source: Path, epoch: int | None,
+                       target: float) -> None:
+    """Record what the stages in ``out`` are made from (the target network's file, the metanetwork's settings and
+    checkpoint, the method, the target) and refuse to continue them from other inputs: two metanetworks with
+    the same epoch number, or another criterion under the same run name, would otherwise find each other's
+    finished stages and reuse them."""
+    if epoch is not None and not epoch_checkpoint(Path(cfg.meta_train_dir), epoch).exists():
+        load_metanetwork(cfg, None, epoch, ctx.device)  # raises the error that names the missing checkpoint
+    inputs = plain({
+        "target_network": _digest(source), "target": target, "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True) if epoch is not None else "none",
+        "meta_checkpoint": _digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch is not None else "",
+    })
+    path = out / "inputs.json"
+    if path.exists():
+        check_fingerprint(inputs, read_json(path), path)
+    elif ctx.dist.is_main:
+        atomic_write_json(inputs, path)
+    du.barrier()
+
+
 def target_accuracy(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loaders, source: Path) -> Dict[str, Any]:
     """``base_{val,test}_{acc,loss}`` of the target network ``source``, measured once per data setting and kept
     beside it (every method of a benchmark prunes the same network: no need to evaluate it in every cell)."""
@@ -115,7 +140,7 @@ def target_accuracy(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, lo
     if ctx.dist.world_size > 1:  # every rank takes part in the sharded evaluation
         return measure()
     fingerprint = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "limits": vars(ctx.limits),
-                   "model": hashlib.sha1(source.read_bytes()).hexdigest()}
+                   "model": _digest(source)}
     cache = source.parent / "base_metrics.json"
     with file_lock(source.parent / ".lock"):
         if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
@@ -155,6 +180,7 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     use_meta = cfg.metanetwork.name != "none"
     epoch = _required_int(cfg, "meta_epoch", f"target={target:g} slot={slot} meta_epoch=40") if use_meta else 0
     out = ctx.run_dir / f"target{slot}_{cfg.metanetwork.name}{epoch if use_meta else ''}_x{target:g}"
+    check_stage_inputs(cfg, ctx, out, source, epoch if use_meta else None, target)
     t0, timings = time.time(), {}
     base_model, payload = load_model(source)
     base_model.to(ctx.device).eval()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import torch
 
@@ -20,6 +20,26 @@ MODEL_FORMAT = "gmp-model-v1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or was written for something else."""
+
+
+def plain(obj: Any) -> Any:
+    """OmegaConf containers and tuples -> plain dicts/lists, so fingerprints compare and serialise."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def check_fingerprint(own: Mapping[str, Any], theirs: Mapping[str, Any], path: Path) -> None:
+    """Refuse to continue from ``path`` when the settings that made it (``theirs``) differ from ``own``."""
+    changed = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {own.get(k)!r}" for k in changed[:4])
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({detail}). Re-run with the original settings to "
+            "resume it, or choose another run directory (run_name=...) or pass resume=false to start over."
+        )
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

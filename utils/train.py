@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter(loader) eagerly, a 2nd DataLoader iterator
 
 from utils import distributed as du
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, check_fingerprint, load_checkpoint, plain
 from utils.io import atomic_save, write_csv
 from utils.mixing import BatchMix, mixed_cross_entropy
 from utils.optim import build_optimizer, build_scheduler
@@ -178,25 +178,6 @@ def _check_compatible(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         )
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers and tuples -> plain dicts/lists, so fingerprints compare and serialise."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _check_fingerprint(own: Mapping[str, Any], theirs: Mapping[str, Any], path: Path) -> None:
-    changed = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
-    if changed:
-        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {own.get(k)!r}" for k in changed[:4])
-        raise CheckpointError(
-            f"{path} belongs to a run with other settings ({detail}). Re-run with the original settings to "
-            "resume it, or choose another run directory (run_name=...) or pass resume=false to start over."
-        )
-
-
 def fit(
     model: torch.nn.Module,
     loaders: Mapping[str, DataLoader],
@@ -229,7 +210,7 @@ def fit(
         channels_last: train and evaluate in the channels-last memory format (faster convolutions on the CPU,
             ``bench/train_throughput.py``); ``model`` is handed back in the standard layout, with the same values.
     """
-    fingerprint = _plain(fingerprint or {})
+    fingerprint = plain(fingerprint or {})
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with in_memory_format(model, layout):
         return _fit(model, loaders, schedule, optim_cfg, device, run_dir, name, resume, limits, seed, progress,
@@ -275,7 +256,7 @@ def _fit(model, loaders, schedule, optim_cfg, device, run_dir, name, resume, lim
     if resume and last_path is not None and last_path.exists():
         ckpt = load_checkpoint(last_path, map_location=device)
         _check_compatible(model, ckpt["model"], last_path)
-        _check_fingerprint(fingerprint, ckpt.get("fingerprint", {}), last_path)
+        check_fingerprint(fingerprint, ckpt.get("fingerprint", {}), last_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

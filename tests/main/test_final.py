@@ -74,6 +74,13 @@ def test_baselines_share_the_after_metanetwork_finetune_of_their_target(root, mo
     assert cached["base_test_acc"] == metrics["base_test_acc"] and cached["base_val_acc"] == metrics["base_val_acc"]
 
 
+def test_finished_stages_are_not_reused_under_other_inputs(root):
+    dispatch(_cfg(root, "run=pruning_final", "target=1.6", "slot=100", "meta_epoch=2"))
+    with pytest.raises(CheckpointError, match="inputs.json belongs to a run with other settings .*metanetwork"):
+        dispatch(_cfg(root, "run=pruning_final", "target=1.6", "slot=100", "meta_epoch=2",
+                      "metanetwork.magnitude_features=false"))
+
+
 def test_pruning_final_errors_are_early_and_clear(root):
     with pytest.raises(ConfigError, match="target='abc' is not a number"):
         dispatch(_cfg(root, "run=pruning_final", "target=abc", "slot=100", "metanetwork=none"))
