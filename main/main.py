@@ -2,15 +2,22 @@
 
 Kept thin on purpose: the run modes live in ``utils`` (and ``generate_dataset``) and are looked up by name.
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from main.run_modes import run_entry
+from main.run_modes import answer_without_running, run_entry
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="main")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_entry(cfg)
+
+
+def main() -> None:
+    answer_without_running(sys.argv[1:])  # run=help and unknown modes write nothing
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -135,6 +135,43 @@ def prepare_run(cfg: DictConfig) -> RunContext:
     return RunContext(device=device, run_dir=run_dir, limits=Limits.from_cfg(cfg.get("debug")), dist=info)
 
 
+# What each mode needs on the command line (run=help prints these; a test checks every mode has a line).
+USAGE: Dict[str, str] = {
+    "pretrain": "[seed=S]",
+    "generate": "[shard=0] [num=N]   (python -m generate_dataset)",
+    "import_published": "path=<published datasets folder> [evaluate=false]",
+    "meta_train": "",
+    "visualize": "epochs=[0,E1,E2,...]   (0: no metanetwork)",
+    "pretrain_final": "slot=K",
+    "pruning_final": "slot=K target=T [meta_epoch=E | metanetwork=none]",
+    "analyse": "meta_epoch=E",
+    "quickstart": "",
+    "benchmark": "[benchmark=default|evidence|full]",
+    "export": "path=<model.pt>",
+}
+
+
+def help_text() -> str:
+    """One line per run mode with its arguments."""
+    width = max(map(len, RUN_MODES.names()))
+    return "\n".join(f"{name:<{width}}  {USAGE.get(name, '')}".rstrip() for name in RUN_MODES.names())
+
+
+def answer_without_running(argv: list[str]) -> None:
+    """``run=help`` and an unknown ``run=`` are answered before Hydra starts, so neither creates a run folder:
+    help prints the modes and exits 0, an unknown mode prints the valid ones and exits 2."""
+    runs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("run=")]
+    if not runs:
+        return
+    if runs[-1] == "help":
+        print(help_text())
+        sys.exit(0)
+    if runs[-1] not in RUN_MODES:
+        print(f"error: {RUN_MODES.unknown_message(runs[-1])} (python -m main run=help lists them with their arguments)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def list_run_modes() -> list[str]:
     return RUN_MODES.names()
 
@@ -142,7 +179,7 @@ def list_run_modes() -> list[str]:
 def dispatch(cfg: DictConfig) -> Dict[str, Any]:
     """Run ``cfg.run``; ``run=help`` lists the modes."""
     if cfg.run == "help":
-        print("run modes: " + ", ".join(RUN_MODES.names()))
+        print(help_text())
         return {}
     return RUN_MODES.get(str(cfg.run))(cfg)
 

@@ -38,12 +38,16 @@ What makes the fast version fast (and small):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch_geometric.nn import MessagePassing
+
+with warnings.catch_warnings():  # PyG 2.8 scripts helpers with torch.jit.script on import, deprecated in torch 2.14
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+    from torch_geometric.nn import MessagePassing
 
 from nn.metanetwork import scatter as sc
 from nn.metanetwork.fused import ACTIVATIONS, edge_pass, message_activation

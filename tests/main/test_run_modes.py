@@ -56,3 +56,32 @@ def test_the_readme_published_and_named_commands_mean_the_same():
     for cfg in (published, named):
         assert run_argument(cfg, "target") == 2.3 and run_argument(cfg, "slot", "reproduce_index") == 0
     assert published.method == named.method and published.run_dir == named.run_dir
+
+
+def _run_main(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GMP_ROOT": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "main", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_help_lists_every_mode_with_its_arguments_and_writes_nothing(tmp_path):
+    from main.run_modes import USAGE, list_run_modes
+
+    assert set(USAGE) == set(list_run_modes())  # every registered mode has a usage line
+    done = _run_main(tmp_path, "run=help")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(list_run_modes())
+    assert any(line.split() == ["pruning_final", "slot=K", "target=T", "[meta_epoch=E", "|", "metanetwork=none]"]
+               for line in lines)
+    assert list(tmp_path.iterdir()) == []  # no outputs/ folder
+
+
+def test_an_unknown_mode_exits_2_with_the_valid_ones_and_writes_nothing(tmp_path):
+    done = _run_main(tmp_path, "run=pruning_finale")
+    assert done.returncode == 2 and "Did you mean 'pruning_final'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
