@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from main.run_modes import answer_without_running, run_entry
+from main.run_modes import answer_without_running, check_command_line, run_entry
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="main")
@@ -17,6 +17,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     answer_without_running(sys.argv[1:])  # run=help and unknown modes write nothing
+    check_command_line(sys.argv[1:], "main")  # Hydra's own errors: one line, exit 2, before any folder
     _hydra_main()
 
 

@@ -5,6 +5,7 @@ package's ``__init__`` imports every such module, so importing anything from ``m
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -170,6 +171,82 @@ def answer_without_running(argv: list[str]) -> None:
         print(f"error: {RUN_MODES.unknown_message(runs[-1])} (python -m main run=help lists them with their arguments)",
               file=sys.stderr)
         sys.exit(2)
+
+
+def _declared(cfg: DictConfig, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _close_keys(cfg: DictConfig, dotted: str) -> str:
+    """``did you mean `task.meta_train.epochs`?`` for a key whose last part is misspelled, or ''."""
+    parent, _, last = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(last, [str(k) for k in node.keys()], n=2)
+    return " Did you mean " + " or ".join(f"`{parent + '.' if parent else ''}{c}`" for c in close) + "?" if close else ""
+
+
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i")
+_FREE_FORM = ("model.kwargs.",)  # mappings handed on whole (to the model factory): any key may be added
+_OTHER_CONFIG = ("-m", "--multirun", "-cn", "--config-name", "-cd", "--config-dir", "-cp", "--config-path")
+
+
+def check_command_line(argv: list[str], config_name: str) -> None:
+    """Compose the config of the command line before Hydra runs anything, and turn what Hydra would report
+    with a stack-trace hint and exit status 1 (an unknown option, a key that is not a setting, a broken
+    override) into one line and exit status 2. A key added with ``+`` that no config declares is refused
+    too: nothing reads it, so it would run and change nothing (``+task.meta_train.epoch=3``). Multirun
+    sweeps and other config files are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    if any(a.split("=")[0] in _OTHER_CONFIG for a in argv):
+        return
+    overrides, skip = [], False
+    for a in argv:
+        if skip or a.startswith("-"):
+            skip = not skip and a in _FLAGS_WITH_VALUE
+            continue
+        overrides.append(a)
+    config_dir = str(Path(__file__).resolve().parents[1] / "configs")
+
+    def composed(chosen: list[str]) -> DictConfig:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return compose(config_name, overrides=chosen)
+
+    try:
+        composed(overrides)
+    except (HydraException, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        message = lines[0] if lines else type(err).__name__
+        if isinstance(err, MissingConfigException) and err.options:
+            message += f"; available: {', '.join(err.options)}"
+        elif message.startswith("Error parsing override"):
+            message += ": an override is key=value, group=option or +key=value"
+        key = getattr(err, "full_key", None) or getattr(err.__cause__, "full_key", None)
+        hint = ""
+        if key:
+            try:
+                hint = _close_keys(composed([a for a in overrides if a.lstrip("+").split("=")[0] != key]), str(key))
+            except (HydraException, ValueError, KeyError):
+                hint = ""
+        print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
+    added = [a.split("=", 1)[0][1:] for a in overrides if a.startswith("+") and not a.startswith("++")]
+    if added:
+        base = composed([a for a in overrides if not a.startswith("+")])
+        for key in added:
+            if "/" not in key and not key.startswith(("hydra.", *_FREE_FORM)) and not _declared(base, key):
+                print(f"error: +{key} adds a key that no config declares, so nothing would read it."
+                      f"{_close_keys(base, key) or ' check its spelling (python -m main --cfg job prints the config)'}",
+                      file=sys.stderr)
+                sys.exit(2)
 
 
 def list_run_modes() -> list[str]:

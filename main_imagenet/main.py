@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from main.run_modes import answer_without_running, run_entry
+from main.run_modes import answer_without_running, check_command_line, run_entry
 from utils import distributed as du
 
 # Hydra settings for ranks other than 0: write nothing, log to the console only.
@@ -34,6 +34,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Entry of ``python -m main_imagenet``: Hydra on every rank, a failing rank takes the job down."""
     answer_without_running(sys.argv[1:])  # run=help and unknown modes write nothing
+    check_command_line(sys.argv[1:], "main_imagenet")  # Hydra's own errors: one line, exit 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Let errors reach run_guarded (and torchrun's error file) with their traceback instead of Hydra's
         # one-line report followed by exit(1).

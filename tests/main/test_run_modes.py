@@ -85,3 +85,15 @@ def test_an_unknown_mode_exits_2_with_the_valid_ones_and_writes_nothing(tmp_path
     done = _run_main(tmp_path, "run=pruning_finale")
     assert done.returncode == 2 and "Did you mean 'pruning_final'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override,message", [
+    ("task.meta_train.epoch=3", "Could not override 'task.meta_train.epoch'. Did you mean `task.meta_train.epochs`?"),
+    ("+task.meta_train.epoch=3", "no config declares, so nothing would read it. Did you mean `task.meta_train.epochs`?"),
+    ("method=group_l9", "Could not find 'method/group_l9'; available: bn_scale"),
+    ("seed", "Error parsing override 'seed': an override is key=value"),
+])
+def test_hydras_own_errors_exit_2_with_one_line_before_any_folder(tmp_path, override, message):
+    done = _run_main(tmp_path, "run=pretrain", override)
+    assert done.returncode == 2 and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
