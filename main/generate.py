@@ -41,7 +41,7 @@ def slot_seed(seed: int, slot: int) -> int:
 
 
 # Dataset keys that say where the files are or how to fetch them, not what the data is.
-_LOCATION_KEYS = ("root", "download")
+_LOCATION_KEYS = ("root", "download", "system_dir")
 
 
 def store_settings(cfg: DictConfig, for_reading: bool = False) -> Dict[str, Any]:

@@ -152,7 +152,9 @@ def test_a_debug_run_then_a_real_run_gives_the_real_runs_data_models(tmp_path):
     dispatch(real)
     made = read_records(_store(real) / "shard_000.h5")
     assert len(made) == 1 and made[0].info["timings"]["pretrain_s"] > 0  # trained here, not taken from debug
-    assert read_header(_store(real) / "shard_000.h5")["settings"]["debug"] is None
+    settings = read_header(_store(real) / "shard_000.h5")["settings"]
+    assert settings["debug"] is None and settings["dataset"]["name"] == "synthetic"
+    assert not {"root", "download", "system_dir"} & set(settings["dataset"])  # where the files are is no setting
     assert read_header(_store(debug) / "shard_000.h5")["settings"]["debug"]["max_epochs"] == 1
     # Pointed at the debug store on purpose, the real run is refused, naming what differs.
     with pytest.raises(DataModelStoreError, match=r"debug: stored None, asked|debug\.max_epochs: stored 1, asked None"):
