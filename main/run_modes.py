@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,22 @@ def _close_keys(cfg: DictConfig, dotted: str) -> str:
     return " Did you mean " + " or ".join(f"`{parent + '.' if parent else ''}{c}`" for c in close) + "?" if close else ""
 
 
+def unwritable(path: Any) -> str | None:
+    """Why the folder ``path`` cannot be created or written to, or None when it can: it or its nearest existing
+    ancestor must be a directory this process may write to."""
+    if not path:
+        return None
+    target = Path(str(path)).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder, so {target} cannot be made"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable, so {target} cannot be {'written to' if probe == target else 'made'}"
+    return None
+
+
 _FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--info", "-i")
 _FREE_FORM = ("model.kwargs.",)  # mappings handed on whole (to the model factory): any key may be added
 _OTHER_CONFIG = ("-m", "--multirun", "-cn", "--config-name", "-cd", "--config-dir", "-cp", "--config-path")
@@ -221,7 +238,7 @@ def check_command_line(argv: list[str], config_name: str) -> None:
             return compose(config_name, overrides=chosen)
 
     try:
-        composed(overrides)
+        cfg = composed(overrides)
     except (HydraException, ValueError, KeyError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         message = lines[0] if lines else type(err).__name__
@@ -237,6 +254,10 @@ def check_command_line(argv: list[str], config_name: str) -> None:
             except (HydraException, ValueError, KeyError):
                 hint = ""
         print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
+    problem = unwritable(OmegaConf.select(cfg, "paths.output_dir", default=None))
+    if problem:
+        print(f"error: paths.output_dir: {problem}; set GMP_ROOT or paths.root_dir=<a writable folder>", file=sys.stderr)
         sys.exit(2)
     added = [a.split("=", 1)[0][1:] for a in overrides if a.startswith("+") and not a.startswith("++")]
     if added:

@@ -97,3 +97,22 @@ def test_hydras_own_errors_exit_2_with_one_line_before_any_folder(tmp_path, over
     done = _run_main(tmp_path, "run=pretrain", override)
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_root_that_is_a_file_exits_2_with_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = _run_main(tmp_path, "run=pretrain", f"paths.root_dir={blocker}")
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and blocker.read_text() == ""
+
+
+def test_a_read_only_output_root_exits_2_with_one_line(tmp_path):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root may write anywhere: the check is the process's own permission
+        pytest.skip("this process may write into a read-only folder (running as root)")
+    done = _run_main(tmp_path, "run=pretrain", f"paths.root_dir={locked}")
+    assert done.returncode == 2 and "is not writable" in done.stderr
