@@ -53,7 +53,7 @@ from nn.models import create_model
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, check_fingerprint, load_model, plain, save_model
 from utils.convert import graph_to_model
-from utils.io import atomic_write_json, file_lock, read_json
+from utils.io import atomic_write_json, file_digest, file_lock, read_json
 from utils.latency import measure_latency
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
@@ -106,11 +106,7 @@ def baseline_finetune_dir(cfg: DictConfig, slot: int, scheme) -> Path:
     return root / f"{cfg.method.name}_{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-
-
-def check_stage_inputs(cfg: DictConfig, ctx: RunContext, out: Path, source: Path, epoch: int | None,
+def check_stage_inputs(cfg: DictConfig, ctx: RunContext, out: Path, source_digest: str, epoch: int | None,
                        target: float) -> None:
     """Record what the stages in ``out`` are made from (the target network's file, the metanetwork's settings and
     checkpoint, the method, the target) and refuse to continue them from other inputs: two metanetworks with
@@ -119,9 +115,9 @@ def check_stage_inputs(cfg: DictConfig, ctx: RunContext, out: Path, source: Path
     if epoch is not None and not epoch_checkpoint(Path(cfg.meta_train_dir), epoch).exists():
         load_metanetwork(cfg, None, epoch, ctx.device)  # raises the error that names the missing checkpoint
     inputs = plain({
-        "target_network": _digest(source), "target": target, "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "target_network": source_digest, "target": target, "method": OmegaConf.to_container(cfg.method, resolve=True),
         "metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True) if epoch is not None else "none",
-        "meta_checkpoint": _digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch is not None else "",
+        "meta_checkpoint": file_digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch is not None else "",
     })
     path = out / "inputs.json"
     if path.exists():
@@ -131,7 +127,8 @@ def check_stage_inputs(cfg: DictConfig, ctx: RunContext, out: Path, source: Path
     du.barrier()
 
 
-def target_accuracy(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loaders, source: Path) -> Dict[str, Any]:
+def target_accuracy(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, loaders, source: Path,
+                    source_digest: str) -> Dict[str, Any]:
     """``base_{val,test}_{acc,loss}`` of the target network ``source``, measured once per data setting and kept
     beside it (every method of a benchmark prunes the same network: no need to evaluate it in every cell)."""
     def measure() -> Dict[str, Any]:
@@ -140,7 +137,7 @@ def target_accuracy(cfg: DictConfig, ctx: RunContext, model: torch.nn.Module, lo
     if ctx.dist.world_size > 1:  # every rank takes part in the sharded evaluation
         return measure()
     fingerprint = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "limits": vars(ctx.limits),
-                   "model": _digest(source)}
+                   "model": source_digest}
     cache = source.parent / "base_metrics.json"
     with file_lock(source.parent / ".lock"):
         if cache.exists() and read_json(cache).get("fingerprint") == fingerprint:
@@ -180,7 +177,8 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     use_meta = cfg.metanetwork.name != "none"
     epoch = _required_int(cfg, "meta_epoch", f"target={target:g} slot={slot} meta_epoch=40") if use_meta else 0
     out = ctx.run_dir / f"target{slot}_{cfg.metanetwork.name}{epoch if use_meta else ''}_x{target:g}"
-    check_stage_inputs(cfg, ctx, out, source, epoch if use_meta else None, target)
+    source_digest = file_digest(source)  # what every stage of this cell starts from
+    check_stage_inputs(cfg, ctx, out, source_digest, epoch if use_meta else None, target)
     t0, timings = time.time(), {}
     base_model, payload = load_model(source)
     base_model.to(ctx.device).eval()
@@ -192,7 +190,7 @@ def pruning_final(cfg: DictConfig) -> Dict[str, Any]:
     scheme.check_target(base_model, target, example, base_macs)  # before any fine-tuning
     if cfg.get("export_onnx"):
         require_export_extra()  # before any work, not after the fine-tuning
-    base = target_accuracy(cfg, ctx, base_model, loaders, source)
+    base = target_accuracy(cfg, ctx, base_model, loaders, source, source_digest)
 
     # 1. metanetwork (or not) and the after-metanetwork fine-tuning
     stage_dir = out if use_meta else baseline_finetune_dir(cfg, slot, scheme)

@@ -27,7 +27,7 @@ from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run, run_
 from main.stages import data_for, evaluate_splits, example_input, new_model, train_stage
 from nn.models import describe_model
 from utils import distributed as du
-from utils.checkpoint import load_model, save_model
+from utils.checkpoint import load_model, plain, save_model
 from utils.io import atomic_write_json
 from utils.pruning.macs import MacCounter
 from utils.pruning.schemes import scheme_for
@@ -52,7 +52,6 @@ def store_settings(cfg: DictConfig, for_reading: bool = False) -> Dict[str, Any]
     ``for_reading``: what a reader must agree on. The seed is left out (the store's folder names it, and a
     metanetwork of another seed may train on these models), and so is the criterion's settings when the
     run reads another method's store (``data_models_method``), whose settings it does not know."""
-    plain = lambda node: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node  # noqa: E731
     settings = {
         "model": plain(cfg.model),
         "dataset": {k: v for k, v in plain(cfg.dataset).items() if k not in _LOCATION_KEYS},

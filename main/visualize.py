@@ -19,7 +19,6 @@ does not predict the accuracy once pruned and fine-tuned.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, List
@@ -31,16 +30,12 @@ from main.meta_train import apply_metanetwork, epoch_checkpoint, load_data_model
 from main.run_modes import RUN_MODES, ConfigError, prepare_run, run_argument
 from main.stages import data_for, example_input, train_stage
 from utils.convert import graph_to_model
-from utils.io import atomic_write_json, read_json
+from utils.io import atomic_write_json, file_digest, read_json
 from utils.plotting import plt, save_figure
 from utils.pruning.schemes import SCHEMES, scheme_for
 from utils.train import evaluate
 
 log = logging.getLogger(__name__)
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
 
 def _epochs(cfg: DictConfig) -> List[int]:
@@ -157,7 +152,7 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
             "slot": item.slot, "method": OmegaConf.to_container(cfg.method, resolve=True),
             "schedule": OmegaConf.to_container(cfg.task.schedules.finetune_after_metanetwork, resolve=True),
             "visualize": OmegaConf.to_container(cfg.task.visualize, resolve=True), "limits": vars(ctx.limits),
-            "checkpoint": _digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch)) if epoch else "",
+            "checkpoint": file_digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch))[:16] if epoch else "",
         }
         if vis.get("select_target") is not None:
             fingerprint["after_pruning"] = OmegaConf.to_container(cfg.task.schedules.finetune_after_pruning,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -92,6 +93,12 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes (hex), or '' when there is no such file: what a cache or a stage was made from."""
+    path = Path(path)
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
 @contextlib.contextmanager

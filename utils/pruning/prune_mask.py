@@ -105,7 +105,7 @@ class PruneMask:
     def select(self, target_speed_up: float, base_macs: float) -> List[torch.Tensor]:
         """``kept[g]``: bool per root channel of group ``g``, the fewest removals that reach the target."""
         scores = self.scores()
-        flat = torch.cat([s.clone() for s in scores])
+        flat = torch.cat(scores)  # a new tensor: the scores are left as they are
         offsets = torch.tensor([0] + [len(s) for s in scores]).cumsum(0)
         for g, s in enumerate(scores):  # each group keeps its best channel
             flat[offsets[g] + int(s.argmax())] = float("inf")
