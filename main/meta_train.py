@@ -520,7 +520,7 @@ def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: 
             for t in targets:
                 with torch.no_grad():
                     for p, m in mask.weight_masks(mask.select(t, float(item.info["base_macs"]))).items():
-                        p.mul_(m)  # the masks only remove: pruning to the larger target next is unaffected
+                        p.mul_(m)  # the next, larger target starts from these removals, as progressive pruning would
                 sel[-1][f"val_acc_at_{t:g}x"] = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
     mean = {k: sum(d[k] for d in sel) / len(sel) for k in sel[0]}
     return {"epoch": epoch, "val_acc": sum(accs) / len(accs), **mean}
