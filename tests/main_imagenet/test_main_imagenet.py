@@ -67,7 +67,9 @@ def torchrun(root: Path, *overrides: str, module: str = "main_imagenet", common=
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=timeout)
     errors = "\n".join(line for line in proc.stderr.splitlines() if "warn" not in line.lower())
-    assert proc.returncode == 0, proc.stdout[-2000:] + errors[-8000:]
+    # a rank that aborts prints its cause first, then a long list of modules: keep the cause in the report
+    causes = [line for line in proc.stderr.splitlines() if any(k in line for k in ("Fatal Python", "terminate", "what():"))]
+    assert proc.returncode == 0, proc.stdout[-2000:] + "\n".join(causes) + "\n" + errors[-8000:]
     return proc
 
 
