@@ -90,3 +90,10 @@ def test_debug_overrides_top_level_values_and_uses_its_own_run_dir():
 def test_bad_override_fails_with_hydras_list_of_options():
     with pytest.raises(MissingConfigException, match="resnet56"):
         _compose(["model=resnet65"])
+
+
+def test_the_evidence_set_adds_its_rows_and_drops_random_and_taylor():
+    methods = _compose(["benchmark=evidence"]).benchmark.methods
+    assert methods.random is None and methods.taylor is None  # null: left out by run=benchmark
+    assert {"graph_metanetwork", "published_metanetwork", "group_l2_max", "group_l2_capped", "sparse_learning",
+            "intra_fusion"} <= {k for k, v in methods.items() if v is not None}

@@ -106,6 +106,8 @@ def test_grid_points_and_tags():
 def test_benchmark_rejects_unknown_methods_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="method=group_l9: no such option; valid: .*group_l2_max"):
         bm.benchmark(_bench_cfg(tmp_path, {"x": {"method": "group_l9"}}))
+    with pytest.raises(ConfigError, match="method=group_l9"):  # a null label is dropped, not read as a method
+        bm.benchmark(_bench_cfg(tmp_path, {"random": None, "x": {"method": "group_l9"}}))
 
 
 def _cells(accs, pruned=None):
