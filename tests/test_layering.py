@@ -1,4 +1,4 @@
-"""The package layering of README "Layout": import-linter's contracts hold, and no import hides in a function."""
+"""The package layering (README "Layout", docs/design.md section 2): import-linter's contracts hold, and no import hides in a function."""
 from __future__ import annotations
 
 import ast
