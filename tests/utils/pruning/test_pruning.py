@@ -11,8 +11,10 @@ from utils.pruning.macs import MacCounter, count_macs_params
 from utils.pruning.methods import build_method
 from utils.pruning.progressive import (
     PruningError,
+    build_pruner,
     loss_gradients,
     progressive_prune,
+    prune_step,
     pruning_kwargs,
 )
 from utils.registry import UnknownNameError
@@ -152,3 +154,79 @@ def test_a_per_layer_cap_keeps_every_layer_where_global_pruning_empties_some():
     assert min(uncapped[n] / full[n] for n in full) < 0.2
     with pytest.raises(PruningError, match="max_pruning_ratio=1.5"):
         build_method(dict(_CONFIGS["group_l2_capped"], max_pruning_ratio=1.5))
+
+
+def _magnitude(p, normalizer):
+    return lambda: tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=normalizer)
+
+
+# Each channel criterion and the Torch-Pruning importance it must rank by, written out here from the method's
+# published definition (not through build_method). Random has no ranking to check.
+REFERENCE_IMPORTANCE = {
+    "group_l2_max": _magnitude(2, "max"), "group_l2_mean": _magnitude(2, "mean"), "group_l2_none": _magnitude(2, None),
+    "group_l2_capped": _magnitude(2, "max"), "l1": _magnitude(1, "mean"), "sparse_learning": _magnitude(2, "max"),
+    "intra_fusion": _magnitude(2, "max"), "intra_fusion_exact": _magnitude(2, "max"),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(normalizer="mean"),
+    "lamp": lambda: tp.importance.LAMPImportance(p=2), "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(normalizer="mean"),
+    "hessian": lambda: tp.importance.GroupHessianImportance(normalizer="mean"),
+}
+
+
+def test_every_channel_criterion_has_a_reference_ranking():
+    assert set(REFERENCE_IMPORTANCE) == set(METHODS) - {"random"}
+
+
+class _Recorder:
+    """A group hook that records which channels each group loses."""
+
+    def __init__(self):
+        self.pruned = {}
+
+    def prepare(self, model, pruner):
+        pass
+
+    def before_prune(self, group, idxs, pruner):
+        self.pruned[group[0].dep.target.module] = idxs
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_IMPORTANCE))
+def test_each_criterion_removes_the_channels_torch_pruning_ranks_lowest(name):
+    """One global step of the project's pruner on a tiny network: the method's importance equals Torch-Pruning's
+    own on every group, and every group loses exactly its lowest-ranked channels. A criterion wired to other
+    scores (random ones, another normaliser, another p) fails here."""
+    model = _trained_like("resnet8")
+    x = torch.randn(2, 3, 16, 16)
+    method, reference = _method(name), REFERENCE_IMPORTANCE[name]()
+    if method.needs_gradients:
+        splits = build_datasets({"name": "synthetic", "num_train": 32, "num_test": 8, "image_size": 16, "val_size": 0.25})
+        batches = [b for _, b in zip(range(2), build_loaders(splits, batch_size=8)["train"])]
+        loss_gradients(method, lambda: iter(batches), torch.device("cpu"))(model)  # fills what the method reads
+        if method.per_sample_gradients:  # the reference keeps its own per-sample statistics, from the same samples
+            reference.zero_grad()
+            for xb, yb in batches:
+                for j in range(len(xb)):
+                    model.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(model(xb[j:j + 1]), yb[j:j + 1]).backward()
+                    reference.accumulate_grad(model)
+        else:
+            model.zero_grad(set_to_none=True)
+            for xb, yb in batches:
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    method.group_hook = _Recorder()  # Intra-Fusion's merge happens after the selection, which is what is checked
+    pruner = build_pruner(model, method, x, steps=5)
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+    scores = {}
+    for group in groups:
+        expected = reference(group)
+        torch.testing.assert_close(method.importance(group), expected, rtol=1e-5, atol=1e-7)
+        scores[group[0].dep.target.module] = expected
+    prune_step(pruner, method)
+    pruned = method.group_hook.pruned
+    assert pruned and set(pruned) <= set(scores)
+    for module, idxs in pruned.items():
+        score = scores[module]
+        kept = torch.ones(len(score), dtype=torch.bool)
+        kept[idxs] = False
+        if idxs and kept.any():
+            assert score[idxs].max() <= score[kept].min(), (name, module)
