@@ -68,9 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     graph, kind = load_graph(model_name)
     convert_s = time.perf_counter() - t0
-    graph = graph.to(device)
-    graph.layout.edge_index = {t: ei.to(device) for t, ei in graph.layout.edge_index.items()}
-    graph.layout.node_type = graph.layout.node_type.to(device)
+    graph = graph.to(device)  # the layout's index tensors too
     torch.manual_seed(0)
     meta = GraphMetanetwork.from_graph(graph, hidden_dim=hidden, num_layers=layers, node_ratio=0.01,
                                        edge_ratio=0.01, checkpoint=ckpt, layer=args.layer).to(device)

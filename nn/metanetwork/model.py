@@ -137,6 +137,8 @@ class GraphMetanetwork(torch.nn.Module):
                          edge_features: Dict[str, Tensor], node_type: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Tensor-level forward.
 
+        Every tensor is on the same device (``NetworkGraph.to`` moves a graph's layout with its features).
+
         Args:
             node_features: ``(N, F)``; node_type: long ``(N,)``.
             edge_index: type -> long ``(2, E_t)`` (producer; consumer); edge_features: type -> ``(E_t, F_t)``.
@@ -148,14 +150,13 @@ class GraphMetanetwork(torch.nn.Module):
         unknown = [t for t in edge_features if t not in self.edge_enc]
         if unknown:
             raise KeyError(f"Edge types {unknown} have no encoder; this metanetwork knows {self.edge_types}")
-        node_type = node_type.to(device)
         enc_in = node_features
         if self.magnitude_features:
             enc_in = torch.cat([node_features, self._magnitudes(node_features, edge_index, edge_features, types)], 1)
         h = self.node_enc(enc_in) + self.type_emb(node_type)
         e = torch.cat([self.edge_enc[t](edge_features[t]) for t in types], dim=0) if types else \
             node_features.new_zeros(0, self.hidden_dim)  # (E, H)
-        index = torch.cat([edge_index[t].to(device) for t in types], dim=1) if types else \
+        index = torch.cat([edge_index[t] for t in types], dim=1) if types else \
             torch.zeros(2, 0, dtype=torch.long, device=device)  # (2, E)
         for layer in self.layers:
             if self.checkpoint and torch.is_grad_enabled():
@@ -168,7 +169,7 @@ class GraphMetanetwork(torch.nn.Module):
         x_out = node_features + self.node_ratio * self.node_dec(hn)
         scale = None  # (N,)
         if self.edit != "additive":
-            scale = self._channel_scale(hn, node_type, [edge_index[t].to(device) for t in types
+            scale = self._channel_scale(hn, node_type, [edge_index[t] for t in types
                                                          if t not in self.constant_edges])
         if scale is not None:
             x_out = x_out * torch.where(self.scaled_columns, scale.unsqueeze(1), x_out.new_ones(()))
@@ -181,7 +182,7 @@ class GraphMetanetwork(torch.nn.Module):
             if t in self.edge_dec:
                 out[t] = edge_features[t] + self.edge_ratio * self.edge_dec[t](e[start:start + rows])
                 if scale is not None:
-                    src, dst = edge_index[t].to(device)
+                    src, dst = edge_index[t]
                     out[t] = out[t] * (scale[src] * scale[dst]).unsqueeze(1)
             else:
                 out[t] = edge_features[t]
@@ -208,13 +209,13 @@ class GraphMetanetwork(torch.nn.Module):
         the smallest and the largest of its *siblings* (the nodes fed by the same producers, i.e. the other
         channels of its layer), in [0, 1]: the rank that group-magnitude pruning and its penalty act on.
         """
-        n, device = node_features.shape[0], node_features.device
+        n = node_features.shape[0]
         sums = node_features.new_zeros(2, n)
         counts = node_features.new_zeros(2, n)
         kept = [t for t in types if t not in self.constant_edges]
         for t in kept:
             sq = edge_features[t].detach().square().mean(1)  # (E_t,)
-            index = edge_index[t].to(device)
+            index = edge_index[t]
             for k, nodes in enumerate((index[1], index[0])):  # into the consumer, out of the producer
                 sums[k].index_add_(0, nodes, sq)
                 counts[k].index_add_(0, nodes, torch.ones_like(sq))
@@ -222,7 +223,7 @@ class GraphMetanetwork(torch.nn.Module):
         mean_sq = sums / counts.clamp(min=1)
         log_sq = torch.where(has, torch.log(mean_sq + 1e-12), sums.new_zeros(()))
         norm = mean_sq[0].sqrt()
-        ext = [sibling_extreme(norm, [edge_index[t].to(device) for t in kept], r) for r in ("amax", "amin")]
+        ext = [sibling_extreme(norm, [edge_index[t] for t in kept], r) for r in ("amax", "amin")]
         span = (ext[0] - ext[1]).nan_to_num(0.0, 0.0, 0.0)
         rel = torch.where(has[0] & (span > 0), (norm - ext[1]) / span.clamp(min=1e-30), norm.new_ones(()))
         return torch.stack([log_sq[0], log_sq[1], rel.clamp(0, 1)], dim=1)

@@ -51,8 +51,10 @@ def _use_ts(backend: Optional[str]) -> bool:
 
 
 def degree(index: torch.Tensor, num_nodes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """In-degree per node ``(N,)``: the number of rows of each segment."""
-    return torch.bincount(index, minlength=num_nodes).to(dtype)
+    """In-degree per node ``(N,)``: the number of rows of each segment (exact: integer counts; a sum of
+    ones rather than ``bincount``, whose output size depends on the data and so has no ``meta`` kernel)."""
+    return torch.zeros(num_nodes, dtype=dtype, device=index.device).index_add_(
+        0, index, torch.ones((), dtype=dtype, device=index.device).expand(index.shape[0]))
 
 
 def segment_sum(x: torch.Tensor, index: torch.Tensor, num_nodes: int, backend: Optional[str] = None) -> torch.Tensor:

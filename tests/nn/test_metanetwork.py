@@ -535,3 +535,45 @@ def test_multiplicative_layer_keeps_the_size_of_the_edge_state():
     torch.nn.init.zeros_(fast.post.bias)
     (g1, _), (g3, _) = fast(h, e, index), fast(h, 3 * e, index)
     torch.testing.assert_close(g3, g1)  # LayerNorm-ed edges: the node update does not see the scale
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from a graph or layout: its fields, dicts, lists and EdgeIndex blocks."""
+    from utils.convert.graph import EdgeBlock, EdgeIndex
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, EdgeIndex):
+        yield from _tensors(obj.blocks)
+        yield from _tensors(obj._built)
+    elif isinstance(obj, (EdgeBlock, NetworkGraph, GraphLayout)):
+        for name, v in vars(obj).items():
+            if name not in ("_copies", "params"):  # other devices' copies; node indices: utils.convert._index
+                yield from _tensors(v)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_graph_and_a_metanetwork_move_whole_to_the_meta_device(variant):
+    """``NetworkGraph.to`` moves every tensor, the layout's edge ids and node types included, so a forward on
+    another device copies nothing per call: on the ``meta`` device any tensor left on the CPU fails."""
+    convert = pytest.importorskip("utils.convert")
+    from nn.models import create_model
+
+    graph = convert.model_to_graph(create_model("resnet8"))
+    _ = graph.edge_index["conv3x3"]  # one type built on the CPU before the move, the others after it
+    meta = make_meta(graph, hidden_dim=8, num_layers=2, **VARIANTS[variant]).to("meta")
+    moved = graph.to("meta")
+    devices = {t.device.type for t in _tensors(moved)}
+    assert devices == {"meta"}, devices
+    assert {moved.edge_index[t].device.type for t in moved.edge_index} == {"meta"}
+    assert graph.to("meta").layout is moved.layout  # the device copy is made once and kept
+    assert moved.layout.to("cpu") is graph.layout and graph.to("cpu").layout is graph.layout
+    out = meta(moved)
+    assert {t.device.type for t in _tensors(out)} == {"meta"}
+    assert out.node_features.shape == graph.node_features.shape
+    assert {t: f.shape for t, f in out.edge_features.items()} == {t: f.shape for t, f in graph.edge_features.items()}

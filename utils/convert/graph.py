@@ -40,7 +40,7 @@ otherwise) and is ignored when mapping back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -86,10 +86,21 @@ class EdgeIndex(Mapping):
     def count(self, edge_type: str) -> int:
         return sum(b.count for b in self.blocks[edge_type])
 
+    @property
+    def device(self) -> torch.device:
+        return next((b.src.device for bl in self.blocks.values() for b in bl), torch.device("cpu"))
+
+    def to(self, device: torch.device) -> "EdgeIndex":
+        """The same index on ``device``: its blocks moved, the types already built moved, the rest built
+        there when first read."""
+        moved = EdgeIndex({t: [EdgeBlock(b.src.to(device), b.dst.to(device)) for b in bl] for t, bl in self.blocks.items()})
+        moved._built = {t: i.to(device) for t, i in self._built.items()}
+        return moved
+
     def __getitem__(self, edge_type: str) -> torch.Tensor:
         index = self._built.get(edge_type)
         if index is None:
-            index = torch.empty(2, self.count(edge_type), dtype=torch.long)
+            index = torch.empty(2, self.count(edge_type), dtype=torch.long, device=self.device)
             start = 0
             for b in self.blocks[edge_type]:
                 b.fill(index[:, start: start + b.count])
@@ -143,6 +154,25 @@ class GraphLayout:
     module_nodes: Dict[str, torch.Tensor] = field(default_factory=dict)  # module -> its output channels' nodes
     arch: Optional[Dict[str, Any]] = None  # nn.models.describe_model(...) for zoo models, else None
 
+    def to(self, device: torch.device | str) -> "GraphLayout":
+        """This layout with its index tensors on ``device`` (edge ids, node types, fill values, module
+        nodes). The copy is made once per device and kept, so moving graph after graph copies nothing more;
+        the per-parameter node indices have their own per-device cache (``utils.convert._index``)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device == self.node_type.device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {self.node_type.device: self})
+        if device not in copies:
+            index = (self.edge_index.to(device) if isinstance(self.edge_index, EdgeIndex)
+                     else {t: i.to(device) for t, i in self.edge_index.items()})
+            moved = replace(self, node_type=self.node_type.to(device), node_fill=self.node_fill.to(device),
+                            edge_index=index, module_nodes={k: v.to(device) for k, v in self.module_nodes.items()})
+            moved.__dict__["_copies"] = copies  # every copy finds the others, the original included
+            copies[device] = moved
+        return copies[device]
+
     @property
     def buffer_columns(self) -> torch.Tensor:
         """Bool ``(F,)``: node-feature columns holding buffers (BN running statistics), not parameters."""
@@ -189,9 +219,9 @@ class NetworkGraph:
         return NetworkGraph(self.layout, node_features, dict(edge_features), self.extras)
 
     def to(self, device: torch.device | str) -> "NetworkGraph":
-        """Features and extras on ``device`` (the cached layout's index tensors are moved lazily by users)."""
+        """Every tensor on ``device``: features, extras and the layout's index tensors (see ``GraphLayout.to``)."""
         return NetworkGraph(
-            self.layout, self.node_features.to(device),
+            self.layout.to(device), self.node_features.to(device),
             {t: f.to(device) for t, f in self.edge_features.items()},
             {k: v.to(device) for k, v in self.extras.items()},
         )
