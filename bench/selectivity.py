@@ -7,7 +7,7 @@ VJP per step, as in meta-training). Prints, per run, the steps taken and the sel
 and the within-group min/max norm ratio (about 0.8 before).
 
     python bench/selectivity.py --store data_models/resnet20_on_digits/group_l2_max/seed0
-    python bench/selectivity.py --store ... --variants additive:0:1e-3 channel_scale:1:1e-3
+    python bench/selectivity.py --store ... --variants additive:0:1e-3 relative_scale:1:1e-3
 
 A variant is ``edit:magnitude_features:lr[:optimizer[:layer]]`` (optimizer ``adamw`` or ``nsgd``; layer
 ``fast``, the default, or ``multiplicative``, the published layer's rule). ``--json`` writes the rows for the README table.
@@ -28,7 +28,7 @@ from nn.metanetwork import GraphMetanetwork
 from utils.pruning.schemes import scheme_for
 from utils.pruning.selectivity import selectivity
 
-DEFAULT_VARIANTS = ["additive:0:1e-3", "channel_scale:0:1e-3", "channel_scale:1:1e-3"]
+DEFAULT_VARIANTS = ["additive:0:1e-3", "relative_scale:0:1e-3", "relative_scale:1:1e-3"]
 
 
 def main() -> None:

@@ -7,10 +7,8 @@ One step per training data model (shuffled every epoch):
    and ``dL/dW`` is accumulated over ``batches_per_step`` training batches by ordinary backward passes
    through the network only;
 3. Torch-Pruning's ``GroupNormPruner.regularize`` adds the group-sparsity gradient to ``dL/dW`` (for
-   unstructured methods, its per-weight counterpart; see :mod:`utils.pruning.schemes`). The balance of the
-   two terms is ``pruner_reg`` (``balance: fixed``, published), or, with ``balance: constrained``, a
-   multiplier of the task term, learnt by dual ascent so that the task loss stays near
-   ``task_budget`` (see :class:`TaskBudget`);
+   unstructured methods, its per-weight counterpart; see :mod:`utils.pruning.schemes`), weighted by
+   ``pruner_reg`` (published);
 4. **one** vector-Jacobian product pushes the total ``dL/dW`` through the conversion and the metanetwork,
    then AdamW steps. (The published code backpropagated through the metanetwork once per batch.)
 
@@ -126,65 +124,17 @@ class _Work:
     mask: Optional[PruneMask] = None  # prune-aware term: the criterion's one-shot selection on this network
 
 
-BALANCES = ("fixed", "constrained")
-
-
-class TaskBudget:
-    """The task/sparsity balance of ``balance: constrained``: minimise the sparsity penalty subject to the task
-    loss (mean cross-entropy per batch at the metanetwork's output, over the data models) staying at most
-    ``task_budget``.
-
-    The task term gets a Lagrange multiplier ``mu``, kept as ``log mu`` (start 0: the fixed balance). After
-    every step, ``log mu += dual_lr * clip(log(loss / budget), -1, 1)``: the task term weighs more while the
-    loss is above the budget, and the sparsity term takes over while it is below. The fixed balance has no
-    such feedback: once the penalty wins, the output network falls to chance and stays there, and the later
-    epochs cannot be fine-tuned back. ``log mu`` is kept in [-20, 20]."""
-
-    LIMIT = 20.0
-
-    def __init__(self, budget: float, lr: float, log_mu: float = 0.0) -> None:
-        self.budget, self.lr, self.log_mu = budget, lr, float(log_mu)
-
-    @property
-    def weight(self) -> float:
-        return math.exp(self.log_mu)
-
-    def update(self, loss_per_batch: float) -> None:
-        """One dual step after a meta-training step whose task loss was ``loss_per_batch``."""
-        if not math.isfinite(loss_per_batch):
-            return
-        ratio = math.log(max(loss_per_batch, 1e-12) / self.budget)
-        self.log_mu = max(-self.LIMIT, min(self.LIMIT, self.log_mu + self.lr * max(-1.0, min(1.0, ratio))))
-
-
 def meta_settings(mt: DictConfig) -> Dict[str, Any]:
-    """The ``task.meta_train`` settings a resumed run must share (``epochs`` may grow; the keys of the
-    constrained balance count only when it is on, so runs made before it existed still resume)."""
-    out = {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"}
-    if str(out.get("balance", "fixed")) == "fixed":
-        for key in ("balance", "task_budget", "dual_lr"):
-            out.pop(key, None)
-    return out
-
-
-def task_budget(mt: DictConfig, log_mu: float = 0.0) -> Optional[TaskBudget]:
-    """The :class:`TaskBudget` of ``task.meta_train`` (None for the fixed balance)."""
-    balance = str(mt.get("balance", "fixed"))
-    if balance not in BALANCES:
-        raise ConfigError(f"task.meta_train.balance={balance!r} is unknown; valid: {', '.join(BALANCES)}")
-    if balance == "fixed":
-        return None
-    return TaskBudget(float(mt.task_budget), float(mt.dual_lr), log_mu)
+    """The ``task.meta_train`` settings a resumed run must share (``epochs`` may grow)."""
+    return {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"}
 
 
 class MetaTrainer:
-    def __init__(self, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, example: torch.Tensor,
-                 budget: Optional[TaskBudget] = None) -> None:
+    def __init__(self, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, example: torch.Tensor) -> None:
         self.cfg, self.ctx, self.metanet, self.example = cfg, ctx, metanet, example
         self.mt = cfg.task.meta_train
         self._work: Dict[int, _Work] = {}
         self.scheme = scheme_for(cfg.method)
-        self.budget = budget
         self.prune_aware = prune_aware_settings(cfg)
         # the network passes in channels-last, as the training loops (``channels_last``): faster on the CPU
         self.layout = torch.channels_last if bool(cfg.channels_last) else torch.contiguous_format
@@ -224,12 +174,6 @@ class MetaTrainer:
         times["data_s"] = time.perf_counter() - t
         t = time.perf_counter()
         params = dict(w.model.named_parameters())
-        task_weight = 1.0
-        if self.budget is not None:  # the task term's multiplier; the caller takes the dual step
-            task_weight = self.budget.weight
-            with torch.no_grad():
-                for p in params.values():
-                    p.grad.mul_(task_weight)
         before = {n: p.grad.clone() for n, p in params.items()}
         w.regularize(w.model)
         with torch.no_grad():  # the penalty whose gradient regularize added: reg/2 * sum gamma * w^2
@@ -246,7 +190,7 @@ class MetaTrainer:
         times["metanet_bwd_s"] = time.perf_counter() - t
         extra = {} if pruned_loss is None else {"pruned_task_loss": pruned_loss, "prune_target": target}
         finite = finite and (pruned_loss is None or math.isfinite(pruned_loss))
-        return {"task_loss": task_loss, "sparsity": sparsity, "task_weight": task_weight, "finite": finite, **extra,
+        return {"task_loss": task_loss, "sparsity": sparsity, "finite": finite, **extra,
                 **times}
 
     def pruned_loss(self, w: _Work, item: DataModel, state: Dict[str, torch.Tensor], step_batches, target: float) -> float:
@@ -314,7 +258,6 @@ class MetaState:
     rows: List[Dict[str, Any]]
     val_rows: List[Dict[str, Any]]
     path: Path
-    budget: Optional[TaskBudget]  # balance=constrained: the task multiplier, saved with the optimiser
 
     @classmethod
     def load_or_new(cls, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, path: Path,
@@ -326,7 +269,7 @@ class MetaState:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones),
                                                          gamma=float(mt.get("gamma", 0.1)))
         epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
-        state = cls(optimizer, scheduler, epochs, 0, [], [], path, task_budget(mt))
+        state = cls(optimizer, scheduler, epochs, 0, [], [], path)
         if cfg.resume and path.exists():  # every rank of a job reads the same file
             ckpt = load_checkpoint(path, map_location=ctx.device)
             if ckpt["fingerprint"] != fingerprint:
@@ -336,8 +279,6 @@ class MetaState:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             state.start, state.rows, state.val_rows = int(ckpt["epoch"]), list(ckpt["rows"]), list(ckpt["val_rows"])
-            if state.budget is not None:
-                state.budget.log_mu = float(ckpt.get("log_mu", 0.0))
             log.info("meta_train: resumed after epoch %d/%d from %s", state.start, epochs, path)
         return state
 
@@ -430,7 +371,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
                    "meta_train": meta_settings(mt), "slots": train_set.slots, "seed": seed,
                    **({"ranks": world} if world > 1 else {})}
     state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
-    trainer = MetaTrainer(cfg, ctx, wrapped, example, state.budget)
+    trainer = MetaTrainer(cfg, ctx, wrapped, example)
     optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
                                                            state.start, state.rows, state.val_rows)
     pa = trainer.prune_aware
@@ -458,8 +399,6 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
             with wrapped.no_sync() if wrapped is not metanet else contextlib.nullcontext():
                 r = trainer.step(item, batches, target)
             task_loss, sparsity = (v / world for v in du.all_reduce_sum([r["task_loss"], r["sparsity"]]))
-            if state.budget is not None:  # the same mean loss on every rank: the multipliers stay equal
-                state.budget.update(task_loss / int(mt.batches_per_step))
             ok = du.all_true(r["finite"] and all(torch.isfinite(p.grad).all() for p in metanet.parameters()
                                                  if p.grad is not None))
             if ok:
@@ -483,7 +422,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
                     epoch_checkpoint(meta_dir, epoch + 1))
         atomic_save({"metanetwork": metanet.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rows": rows, "val_rows": val_rows,
-                     "fingerprint": fingerprint, "log_mu": state.budget.log_mu if state.budget else 0.0}, state.path)
+                     "fingerprint": fingerprint}, state.path)
         write_csv(rows, meta_dir / "meta_losses.csv")
         write_csv(val_rows, meta_dir / "meta_val.csv")
         plot_meta(rows, val_rows, meta_dir / "meta_train.png")

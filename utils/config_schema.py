@@ -54,6 +54,12 @@ FRACTION = Rule(lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)", "0.
 SEED = Rule(_is_int, "an integer", "0")
 MILESTONES = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)
                   and list(v) == sorted(v), "a list of increasing integers >= 0 (may be empty)", "[6, 9]")
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + ", ".join(choices), choices[-1])
+
+
 EPOCH_LIST = Rule(lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
                                           and all(_is_int(x) and x >= 0 for x in v)),
                   "null or a non-empty list of epochs >= 0", "[2, 4, 8]")
@@ -75,8 +81,6 @@ RULES: Dict[str, Rule] = {
     "task.meta_train.batch_size": INT_AT_LEAST_1,
     "task.meta_train.batches_per_step": INT_AT_LEAST_1,
     "task.meta_train.max_bad_steps": INT_AT_LEAST_1,
-    "task.meta_train.task_budget": POSITIVE,
-    "task.meta_train.dual_lr": POSITIVE,
     "task.pruning.initial_speed_up": SPEED_UP,
     "task.pruning.target_speed_ups": _list_of(SPEED_UP),
     "task.pruning.initial_sparsity": FRACTION,
@@ -91,6 +95,9 @@ RULES: Dict[str, Rule] = {
     "benchmark.meta_epochs": EPOCH_LIST,
     "benchmark.target_index": INT_AT_LEAST_0,
     "method.reg": NON_NEGATIVE,
+    # the metanetwork's rule and edit (nn/metanetwork/model.py); a retired option lands here too
+    "metanetwork.layer": _one_of("fast", "pyg", "multiplicative"),
+    "metanetwork.edit": _one_of("additive", "relative_scale"),
 }
 
 

@@ -15,15 +15,15 @@ structure) but have no decoder: their features are returned unchanged, so no par
 Two options make "shrink this channel" easy to say, which the additive edit cannot (to zero a weight it
 must output exactly ``-w / r``, for every weight of the channel):
 
-* ``edit="channel_scale"``: a per-channel scale ``s = 1 + scale_dec(LN(h))`` ``(N,)`` (last layer zero at
-  initialisation, so ``s = 1``; fixed to 1 on input and output nodes, which are never pruned) multiplies every
-  parameter of the channel after the additive edit: the edges into it and out of it
+* ``edit="relative_scale"``: a per-channel scale ``s = exp(u - max of u over the channels of the node's
+  layer)`` ``(N,)``, ``u = scale_dec(LN(h))`` (siblings: the nodes fed by the same producers; last layer zero
+  at initialisation, so ``s = 1``; fixed to 1 on input and output nodes, which are never pruned), multiplies
+  every parameter of the channel after the additive edit: the edges into it and out of it
   (``e_out = (e + r dec(e)) * s[producer] * s[consumer]``) and its non-buffer node slots (BN/LN weight and
-  bias, conv/linear bias). One number per channel turns a channel down.
-* ``edit="relative_scale"``: the same, with ``s = exp(u - max of u over the channels of the node's layer)``
-  (siblings: the nodes fed by the same producers). The strongest channel of every layer keeps ``s = 1``, so
-  the scale can turn channels down only *relative to their layer*: it cannot shrink all channels together,
-  which a magnitude criterion cannot use and which the sparsity term alone otherwise prefers under AdamW.
+  bias, conv/linear bias). One number per channel turns a channel down. The strongest channel of every layer
+  keeps ``s = 1``, so the scale can turn channels down only *relative to their layer*: it cannot shrink all
+  channels together, which a magnitude criterion cannot use and which the sparsity term alone otherwise
+  prefers under AdamW. (An unbounded scale ``1 + u`` did exactly that and was retired: docs/results.md.)
 * ``magnitude_features=True``: the node encoder also reads ``log`` of the mean squared weight of the edges into
   and out of each node, and the node's rank between the weakest and the strongest channel of its layer
   ``(N, 3)``, so the size of a channel, which a magnitude criterion ranks, is an input.
@@ -73,7 +73,7 @@ class GraphMetanetwork(torch.nn.Module):
         backend: scatter backend of the fast layer (None: torch_scatter when installed, else plain torch).
         kernels: let the fast layer use the fused C kernels of :mod:`nn.metanetwork.kernels` where they apply
             (float32 on CPU); False forces the eager torch path.
-        edit: "additive" (published: ``w + r dec``), "channel_scale" or "relative_scale" (module docstring).
+        edit: "additive" (published: ``w + r dec``) or "relative_scale" (module docstring).
         magnitude_features: feed per-node log mean squared in/out weights to the node encoder.
         scaled_columns: bool ``(F,)``, the node-feature columns a channel scale multiplies (default: all);
             :meth:`from_graph` passes the non-buffer columns.
@@ -190,15 +190,12 @@ class GraphMetanetwork(torch.nn.Module):
         return x_out, {t: out.get(t, edge_features[t]) for t in edge_features}
 
     def _channel_scale(self, hn: Tensor, node_type: Tensor, index: List[Tensor]) -> Tensor:
-        """``(N,)`` channel scales, exactly 1 on input and output nodes: ``1 + u`` (``channel_scale``) or
-        ``exp(u - max of u over the node's layer)`` (``relative_scale``), with ``u = scale_dec(hn)``."""
+        """``(N,)`` channel scales, exactly 1 on input and output nodes: ``exp(u - max of u over the node's
+        layer)``, with ``u = scale_dec(hn)``."""
         fixed = (node_type == NODE_INPUT) | (node_type == NODE_OUTPUT)
         u = self.scale_dec(hn).squeeze(1)
-        if self.edit == "channel_scale":
-            scale = 1 + u
-        else:
-            top = sibling_extreme(u, index, "amax")
-            scale = torch.exp(u - torch.where(torch.isfinite(top), top, u))
+        top = sibling_extreme(u, index, "amax")
+        scale = torch.exp(u - torch.where(torch.isfinite(top), top, u))
         return torch.where(fixed, hn.new_ones(()), scale)
 
     def _magnitudes(self, node_features: Tensor, edge_index: Dict[str, Tensor], edge_features: Dict[str, Tensor],
@@ -244,4 +241,4 @@ def sibling_extreme(values: Tensor, edge_index: List[Tensor], reduce: str) -> Te
     return sibling
 
 
-EDITS = ("additive", "channel_scale", "relative_scale")
+EDITS = ("additive", "relative_scale")

@@ -39,7 +39,7 @@ def synthetic_graph(num_nodes: int = 40, seed: int = 0, num_isolated: int = 3) -
 
 # the published additive edit, the per-channel scale with magnitude features (model.py's docstring), and the
 # published layer's multiplicative rule with the digits default's relative scale
-VARIANTS = {"additive": {}, "channel_scale": {"edit": "channel_scale", "magnitude_features": True},
+VARIANTS = {"additive": {},
             "multiplicative": {"layer": "multiplicative", "edit": "relative_scale", "magnitude_features": True},
             # the shipped default of the digits and Fashion-MNIST tasks
             "shipped": {"layer": "fast", "edit": "relative_scale", "magnitude_features": True}}
@@ -75,26 +75,49 @@ def loss_of(out: NetworkGraph) -> torch.Tensor:
     return total
 
 
-def test_channel_scale_is_the_identity_at_init_and_scales_whole_channels():
-    """At initialisation the scaled edit equals the additive one; with a scale s, every edge into or out of a
-    hidden node and its non-buffer slots are multiplied by it, input/output nodes keep s = 1."""
+class _FixedScale(torch.nn.Module):
+    """Stands in for ``scale_dec``: the given ``u`` per node, whatever the states."""
+
+    def __init__(self, u: torch.Tensor) -> None:
+        super().__init__()
+        self.u = u
+
+    def forward(self, hn: torch.Tensor) -> torch.Tensor:
+        return self.u[:, None]
+
+
+def test_relative_scale_is_the_identity_at_init_and_turns_channels_down_within_their_layer():
+    """At initialisation the scaled edit equals the additive one, and so does any u that is equal over a layer;
+    otherwise every parameter of a hidden channel (its edges in and out, its node slots) is multiplied by
+    s = exp(u - the largest u among its siblings, the nodes fed by the same producers); inputs and outputs
+    keep s = 1."""
     graph = synthetic_graph()
     torch.manual_seed(0)
     plain = GraphMetanetwork.from_graph(graph, hidden_dim=16, num_layers=2, node_ratio=0.01, edge_ratio=0.02)
     torch.manual_seed(0)
     scaled = GraphMetanetwork.from_graph(graph, hidden_dim=16, num_layers=2, node_ratio=0.01, edge_ratio=0.02,
-                                         edit="channel_scale")
+                                         edit="relative_scale")
     a, b = plain(graph), scaled(graph)
     assert torch.equal(a.node_features, b.node_features)
     assert all(torch.equal(a.edge_features[t], b.edge_features[t]) for t in a.edge_features)
-    torch.nn.init.constant_(scaled.scale_dec[-1].bias, -0.5)  # s = 0.5 on every hidden node
+    n = graph.num_nodes
+    scaled.scale_dec = _FixedScale(torch.full((n,), -0.5))  # the same u everywhere: nothing is turned down
     c = scaled(graph)
-    hidden = graph.node_type == NODE_HIDDEN
-    torch.testing.assert_close(c.node_features[hidden], 0.5 * a.node_features[hidden])
-    torch.testing.assert_close(c.node_features[~hidden], a.node_features[~hidden])
-    src, dst = graph.edge_index["conv3x3"]
-    factor = torch.where(hidden[src], 0.5, 1.0) * torch.where(hidden[dst], 0.5, 1.0)
-    torch.testing.assert_close(c.edge_features["conv3x3"], a.edge_features["conv3x3"] * factor.unsqueeze(1))
+    torch.testing.assert_close(c.node_features, a.node_features)
+    u = torch.linspace(-1.0, 0.0, n)
+    scaled.scale_dec = _FixedScale(u)
+    c = scaled(graph)
+    src, dst = torch.cat([graph.edge_index[t] for t in graph.edge_index if t != "identity"], dim=1).tolist()
+    producers = {v: {p for p, d in zip(src, dst) if d == v} for v in range(n)}
+    expected = torch.ones(n)
+    for v in range(n):
+        siblings = {d for p, d in zip(src, dst) if p in producers[v]}
+        if graph.node_type[v] == NODE_HIDDEN and siblings:
+            expected[v] = torch.exp(u[v] - u[sorted(siblings)].max())
+    assert (expected < 1).any() and (expected == 1).any()
+    torch.testing.assert_close(c.node_features, a.node_features * expected[:, None])
+    s3, d3 = graph.edge_index["conv3x3"]
+    torch.testing.assert_close(c.edge_features["conv3x3"], a.edge_features["conv3x3"] * (expected[s3] * expected[d3])[:, None])
     assert torch.equal(c.edge_features["identity"], graph.edge_features["identity"])
 
 

@@ -20,7 +20,8 @@ BAD = {"an integer >= 1": 0, "an integer >= 0": -1, "a number > 0": 0.0, "a numb
        "a non-empty list, each a speed-up > 1": [1.0], "a non-empty list, each an integer >= 1": [0],
        "a non-empty list, each an integer": [], "a number in (0, 1)": 1.0, "an integer": "abc",
        "a speed-up > 1": 1.0, "a list of increasing integers >= 0 (may be empty)": [9, 6],
-       "null or a non-empty list of epochs >= 0": [-2]}
+       "null or a non-empty list of epochs >= 0": [-2],
+       "one of fast, pyg, multiplicative": "slow", "one of additive, relative_scale": "channel_scale"}  # retired edit
 
 
 def _compose(overrides=()):
@@ -75,7 +76,7 @@ def test_bools_are_not_integers():
 
 
 @pytest.mark.parametrize("override", ["task.meta_train.batches_per_step=0", "benchmark.seeds=[]",
-                                      "task.schedules.pretrain.lr=-1"])
+                                      "task.schedules.pretrain.lr=-1", "metanetwork.edit=channel_scale"])
 def test_the_command_line_exits_2_before_any_work(override, tmp_path):
     run = subprocess.run([sys.executable, "-m", "main", override, f"paths.root_dir={tmp_path}", "progress=false"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
