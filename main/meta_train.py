@@ -136,6 +136,8 @@ class MetaTrainer:
         self._work: Dict[int, _Work] = {}
         self.scheme = scheme_for(cfg.method)
         self.prune_aware = prune_aware_settings(cfg)
+        cap = ctx.limits.train_batches  # a debug run caps the batches of a step as it caps a training epoch's
+        self.batches_per_step = int(self.mt.batches_per_step) if cap is None else min(int(self.mt.batches_per_step), int(cap))
         # the network passes in channels-last, as the training loops (``channels_last``): faster on the CPU
         self.layout = torch.channels_last if bool(cfg.channels_last) else torch.contiguous_format
 
@@ -162,7 +164,7 @@ class MetaTrainer:
         load_weights(w.model, state)  # the work copy holds W; gradients are taken with respect to it
         w.model.zero_grad(set_to_none=False)
         task_loss, step_batches = 0.0, []
-        for _ in range(int(self.mt.batches_per_step)):
+        for _ in range(self.batches_per_step):
             x, y = next(batches)
             x = x.to(self.ctx.device, non_blocking=True, memory_format=self.layout)
             y = y.to(self.ctx.device, non_blocking=True)
