@@ -160,8 +160,8 @@ def help_text() -> str:
 
 
 def answer_without_running(argv: list[str]) -> None:
-    """``run=help`` and an unknown ``run=`` are answered before Hydra starts, so neither creates a run folder:
-    help prints the modes and exits 0, an unknown mode prints the valid ones and exits 2."""
+    """``run=help``, an unknown ``run=`` and ``run=export`` without its file are answered before Hydra starts, so
+    none creates a run folder: help prints the modes and exits 0, the others say what is wrong and exit 2."""
     runs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("run=")]
     if not runs:
         return
@@ -172,6 +172,14 @@ def answer_without_running(argv: list[str]) -> None:
         print(f"error: {RUN_MODES.unknown_message(runs[-1])} (python -m main run=help lists them with their arguments)",
               file=sys.stderr)
         sys.exit(2)
+    if runs[-1] == "export":  # its one argument is a file: check it before any run folder exists
+        paths = [arg.split("=", 1)[1] for arg in argv if arg.startswith("path=")]
+        why = ("run=export needs the model file as path=<.../model.pt> (a finished run's model.pt)" if not paths else
+               f"path={paths[-1]}: no such file; give the model.pt of a finished run" if not Path(paths[-1]).is_file()
+               else None)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _declared(cfg: DictConfig, dotted: str) -> bool:

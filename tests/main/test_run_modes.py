@@ -87,6 +87,14 @@ def test_an_unknown_mode_exits_2_with_the_valid_ones_and_writes_nothing(tmp_path
     assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args,message", [((), "run=export needs the model file as path="),
+                                          (("path=nowhere/model.pt",), "path=nowhere/model.pt: no such file")])
+def test_export_without_its_file_exits_2_and_writes_nothing(tmp_path, args, message):
+    done = _run_main(tmp_path, "run=export", *args)
+    assert done.returncode == 2 and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("override,message", [
     ("task.meta_train.epoch=3", "Could not override 'task.meta_train.epoch'. Did you mean `task.meta_train.epochs`?"),
     ("+task.meta_train.epoch=3", "no config declares, so nothing would read it. Did you mean `task.meta_train.epochs`?"),
