@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -91,6 +92,8 @@ def pretrain_final(cfg: DictConfig) -> Dict[str, Any]:
     model.load_state_dict(record.state)
     save_model(path, model, info=record.info)
     atomic_write_json(record.info, path.parent / "info.json")
+    if ctx.dist.is_main:  # the stage checkpoints served resuming; the finished network is model.pt
+        shutil.rmtree(path.parent / "work", ignore_errors=True)
     return record.info
 
 

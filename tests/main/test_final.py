@@ -26,6 +26,8 @@ def root(tmp_path_factory):
 def test_pruning_final_reaches_the_target_and_saves_a_reloadable_network(root, overrides, monkeypatch):
     import main.final as final
 
+    assert not list(root.rglob("target_100/work"))  # pretrain_final removes its stage checkpoints once done
+
     if "method=sparse_learning" in overrides:
         dispatch(_cfg(root, "run=pretrain_final", "index=100", "method=sparse_learning", "num=3"))
     saved = {}
