@@ -1,9 +1,11 @@
-"""The Hydra config tree, and a loader for one option of a plain config group outside a Hydra app."""
+"""The Hydra config tree with its schema (:mod:`configs.schema`), and a loader for one option of a plain config group outside a Hydra app."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from configs import schema
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -15,6 +17,7 @@ def _first_set(*values):
 
 if not OmegaConf.has_resolver("first_set"):  # the entry points import this package before Hydra composes
     OmegaConf.register_new_resolver("first_set", _first_set)
+schema.register()  # the typed sections (schema/<name>), listed in the defaults of configs/main.yaml
 
 
 def load_group_option(group: str, name: str) -> DictConfig:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from main.meta_train import apply_metanetwork, load_data_models, load_metanetwork
 from main.run_modes import RUN_MODES, ConfigError, prepare_run
 from main.stages import data_for, example_input
+from utils.config_schema import settings
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json
 from utils.pruning.progressive import pruning_kwargs
@@ -88,7 +89,7 @@ def analyse(cfg: DictConfig) -> Dict[str, Any]:
     if use_meta and cfg.get("meta_epoch") is None:
         raise ConfigError("run=analyse compares a network before and after the metanetwork: pass meta_epoch=..., "
                           "e.g. `python -m main run=analyse meta_epoch=8`")
-    item = load_data_models(cfg, "val")[int(cfg.task.visualize.get("data_model", 0))]
+    item = load_data_models(cfg, "val")[settings(cfg, "task.visualize").data_model]
     metanet = load_metanetwork(cfg, item.graph, int(cfg.meta_epoch), ctx.device) if use_meta else None
     splits, loaders = data_for(cfg, ctx)
     example = example_input(splits, ctx.device)

@@ -61,6 +61,7 @@ from tqdm import tqdm
 from data_loaders import build_datasets
 from main.quickstart import selected_epoch, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
+from utils.config_schema import settings
 from utils.io import atomic_write_json, atomic_write_text, read_json, write_csv
 from utils.plotting import plt, save_figure
 
@@ -68,10 +69,10 @@ log = logging.getLogger(__name__)
 
 
 def _candidate_epochs(cfg: DictConfig) -> List[int]:
-    bench = cfg.benchmark
-    if bench.get("meta_epochs"):
-        return sorted({0, *map(int, bench.meta_epochs)})
-    total = int(cfg.task.meta_train.epochs)
+    bench = settings(cfg, "benchmark")
+    if bench.meta_epochs:
+        return sorted({0, *bench.meta_epochs})
+    total = settings(cfg, "task.meta_train").epochs
     return sorted({0, *(max(1, round(total * q / 4)) for q in (1, 2, 3, 4))})
 
 
@@ -85,7 +86,8 @@ def metanetwork_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
 def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, Any]) -> Dict[str, Any]:
     """Data models, meta-training and the selected epoch of one metanetwork variant, shared by every seed. The
     data models are the same for every variant (their store does not depend on the metanetwork)."""
-    ref = dict(method=str(cfg.benchmark.reference_method), seed=int(cfg.benchmark.meta_seed))
+    bench = settings(cfg, "benchmark")
+    ref = dict(method=bench.reference_method, seed=bench.meta_seed)
     keys = {f"metanetwork.{k}": v for k, v in variant.items()}
     if variant:  # a meta-training run of its own
         keys["run_name"] = f"{stage_config(cfg, 'meta_train', **ref).run_name}_{grid_tag(variant)}"
@@ -258,7 +260,8 @@ class _Cells:
 
     def __init__(self, cfg: DictConfig, cells_dir: Path, meta: Dict[str, Dict[str, Any]]) -> None:
         self.cfg, self.dir, self.meta = cfg, cells_dir, meta
-        self.slot, self.reference = int(cfg.benchmark.target_index), str(cfg.benchmark.reference_method)
+        bench = settings(cfg, "benchmark")
+        self.slot, self.reference = bench.target_index, bench.reference_method
 
     def path(self, label: str, target: float, seed: int, point: Dict[str, Any] | None = None) -> Path:
         tag = grid_tag(point or {})
@@ -356,11 +359,10 @@ def tune(cells: _Cells, label: str, spec: Dict[str, Any], target: float, seed: i
 @RUN_MODES.register("benchmark")
 def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
-    bench = cfg.benchmark
+    bench = settings(cfg, "benchmark")
     # a label set to null is left out: how a benchmark set drops a row it inherits (benchmark=evidence)
-    methods = {k: v for k, v in OmegaConf.to_container(bench.methods, resolve=True).items() if v is not None}
-    targets = [float(t) for t in bench.speed_ups]
-    seeds = [int(s) for s in bench.seeds]
+    methods = {k: v for k, v in bench.methods.items() if v is not None}
+    targets, seeds = list(bench.speed_ups), list(bench.seeds)
     if not methods or not targets or not seeds:
         raise ConfigError("benchmark.methods, benchmark.speed_ups and benchmark.seeds must not be empty")
     for label, spec in methods.items():  # fail on a typo before hours of work
@@ -369,15 +371,13 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
             if OmegaConf.select(plain, key, default=_MISSING) is _MISSING:
                 raise ConfigError(f"benchmark.methods.{label}.grid: {key} is not a setting of method={spec['method']}; "
                                   f"valid method keys: {', '.join(sorted(plain.method))}")
-    workers = int(bench.get("workers", 1))
-    if workers < 1:
-        raise ConfigError(f"benchmark.workers={workers}: the number of cell processes is >= 1")
+    workers = bench.workers
     t0, timings = time.time(), {}
     variants = {grid_tag(metanetwork_variant(s)): metanetwork_variant(s) for s in methods.values() if s.get("metanetwork")}
     meta = {tag: _metanetwork(cfg, timings, variant) for tag, variant in variants.items()}
     cells = _Cells(worker_config(cfg, workers), ctx.run_dir / "cells", meta)
     cells.dir.mkdir(parents=True, exist_ok=True)
-    tune_seed = int(bench.get("tune_seed", seeds[0]))
+    tune_seed = seeds[0] if bench.tune_seed is None else bench.tune_seed
     progress = bool(cfg.progress)
     t = time.time()
     if workers > 1:  # the target networks first (one per seed), then the grids, in parallel
@@ -395,7 +395,7 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     todo = [("cell", label, methods[label], t, s, chosen.get((label, t))) for s in seeds for t in targets
             for label in methods]
     rows = run_jobs(cells, todo, workers, "benchmark cells", progress)
-    compare = str(bench.get("compare_to", "group_l2_max"))
+    compare = bench.compare_to
     cells_of = {(label, t): [r for r in rows if r["method"] == label and r["target_speed_up"] == t]
                 for label in methods for t in targets}
     summary = [_summary_row(label, t, cells_of[label, t], cells_of.get((compare, t)) if label != compare else None)

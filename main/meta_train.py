@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -29,10 +30,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from configs.schema import MetaTrainSettings
 from data_loaders.data_models import DataModel, DataModelSet, store_files
 from main.generate import store_header, store_settings
 from main.run_modes import RUN_MODES, ConfigError, RunContext, prepare_run
@@ -40,6 +42,7 @@ from main.stages import data_for, example_input
 from nn.metanetwork import build_metanetwork
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config_schema import settings
 from utils.convert import NetworkGraph, graph_to_model, graph_to_state_dict
 from utils.io import atomic_save, atomic_write_json, write_csv
 from utils.pruning.prune_mask import PruneMask
@@ -94,16 +97,16 @@ def load_metanetwork(cfg: DictConfig, graph: NetworkGraph, epoch: int, device: t
 
 def prune_aware_settings(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     """``task.meta_train.prune_aware`` as a dict when its weight is above 0 (the term is on), else None."""
-    pa = cfg.task.meta_train.get("prune_aware")
-    if pa is None or float(pa.get("weight", 0.0)) <= 0.0:
+    pa = settings(cfg, "task.meta_train").prune_aware
+    if pa.weight <= 0.0:
         return None
-    targets = [float(t) for t in pa.get("targets") or []]
+    targets = list(pa.targets)
     if not targets or any(t <= 1.0 for t in targets):
         raise ConfigError(f"task.meta_train.prune_aware.targets={targets}: the speed-ups (> 1) to prune to in the "
                           "prune-aware term, e.g. task.meta_train.prune_aware.targets=[3.0]")
     if scheme_for(cfg.method).axis != "speed_up":
         raise ConfigError(f"task.meta_train.prune_aware is for channel pruning; method={cfg.method.name} is unstructured")
-    return {"weight": float(pa.weight), "targets": targets}
+    return {"weight": pa.weight, "targets": targets}
 
 
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
@@ -124,20 +127,20 @@ class _Work:
     mask: Optional[PruneMask] = None  # prune-aware term: the criterion's one-shot selection on this network
 
 
-def meta_settings(mt: DictConfig) -> Dict[str, Any]:
+def meta_settings(mt: MetaTrainSettings) -> Dict[str, Any]:
     """The ``task.meta_train`` settings a resumed run must share (``epochs`` may grow)."""
-    return {k: v for k, v in OmegaConf.to_container(mt, resolve=True).items() if k != "epochs"}
+    return {k: v for k, v in dataclasses.asdict(mt).items() if k != "epochs"}
 
 
 class MetaTrainer:
     def __init__(self, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, example: torch.Tensor) -> None:
         self.cfg, self.ctx, self.metanet, self.example = cfg, ctx, metanet, example
-        self.mt = cfg.task.meta_train
+        self.mt = settings(cfg, "task.meta_train")
         self._work: Dict[int, _Work] = {}
         self.scheme = scheme_for(cfg.method)
         self.prune_aware = prune_aware_settings(cfg)
         cap = ctx.limits.train_batches  # a debug run caps the batches of a step as it caps a training epoch's
-        self.batches_per_step = int(self.mt.batches_per_step) if cap is None else min(int(self.mt.batches_per_step), int(cap))
+        self.batches_per_step = self.mt.batches_per_step if cap is None else min(self.mt.batches_per_step, int(cap))
         # the network passes in channels-last, as the training loops (``channels_last``): faster on the CPU
         self.layout = torch.channels_last if bool(cfg.channels_last) else torch.contiguous_format
 
@@ -265,12 +268,10 @@ class MetaState:
     def load_or_new(cls, cfg: DictConfig, ctx: RunContext, metanet: torch.nn.Module, path: Path,
               fingerprint: Dict[str, Any]) -> "MetaState":
         """Fresh optimiser state, or the one of ``path`` (``meta_last.pt``) when resuming with equal settings."""
-        mt = cfg.task.meta_train
-        optimizer = build_meta_optimizer(metanet, str(mt.get("optimizer", "adamw")), float(mt.lr),
-                                         float(mt.weight_decay))
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones),
-                                                         gamma=float(mt.get("gamma", 0.1)))
-        epochs = int(mt.epochs) if ctx.limits.max_epochs is None else min(int(mt.epochs), ctx.limits.max_epochs)
+        mt = settings(cfg, "task.meta_train")
+        optimizer = build_meta_optimizer(metanet, mt.optimizer, mt.lr, mt.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mt.milestones), gamma=mt.gamma)
+        epochs = mt.epochs if ctx.limits.max_epochs is None else min(mt.epochs, ctx.limits.max_epochs)
         state = cls(optimizer, scheduler, epochs, 0, [], [], path)
         if cfg.resume and path.exists():  # every rank of a job reads the same file
             ckpt = load_checkpoint(path, map_location=ctx.device)
@@ -332,14 +333,14 @@ def _batches(loader) -> Iterator:
 
 def _train_loader(cfg: DictConfig, ctx: RunContext, splits) -> torch.utils.data.DataLoader:
     """The image batches of the task loss: seeded shuffling in one process, this rank's share in a job."""
-    mt, common = cfg.task.meta_train, {"num_workers": int(cfg.num_workers), "drop_last": True,
+    mt, common = settings(cfg, "task.meta_train"), {"num_workers": int(cfg.num_workers), "drop_last": True,
                                        "pin_memory": ctx.device.type == "cuda"}
     if ctx.dist.world_size == 1:
-        return torch.utils.data.DataLoader(splits.train, batch_size=int(mt.batch_size), shuffle=True,
+        return torch.utils.data.DataLoader(splits.train, batch_size=mt.batch_size, shuffle=True,
                                            generator=torch.Generator().manual_seed(int(cfg.seed)), **common)
     sampler = DistributedSampler(splits.train, ctx.dist.world_size, ctx.dist.rank, shuffle=True, seed=int(cfg.seed),
                                  drop_last=True)
-    return torch.utils.data.DataLoader(splits.train, batch_size=int(mt.batch_size), sampler=sampler, **common)
+    return torch.utils.data.DataLoader(splits.train, batch_size=mt.batch_size, sampler=sampler, **common)
 
 
 @RUN_MODES.register("meta_train")
@@ -355,7 +356,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
     if cfg.metanetwork.name == "none":
         raise ConfigError("run=meta_train needs a metanetwork: pass metanetwork=resnet56 (or another size)")
-    mt, seed, rank, world = cfg.task.meta_train, int(cfg.seed), ctx.dist.rank, ctx.dist.world_size
+    mt, seed, rank, world = settings(cfg, "task.meta_train"), int(cfg.seed), ctx.dist.rank, ctx.dist.world_size
     meta_dir = Path(cfg.meta_train_dir)
     train_set, val_set = load_data_models(cfg, "train"), load_data_models(cfg, "val")
     steps = len(train_set) // world  # one data model per rank and step; the remainder waits for another epoch
@@ -369,7 +370,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     metanet = build_metanetwork(cfg.metanetwork, train_set[0].graph).to(ctx.device)
     wrapped = du.wrap_ddp(metanet, ctx.device, find_unused_parameters=bool(cfg.get("dist", {}).get(
         "find_unused_parameters", False)))
-    fingerprint = {"metanetwork": OmegaConf.to_container(cfg.metanetwork, resolve=True),  # epochs may grow
+    fingerprint = {"metanetwork": dataclasses.asdict(settings(cfg, "metanetwork")),  # epochs may grow
                    "meta_train": meta_settings(mt), "slots": train_set.slots, "seed": seed,
                    **({"ranks": world} if world > 1 else {})}
     state = MetaState.load_or_new(cfg, ctx, metanet, meta_dir / "meta_last.pt", fingerprint)
@@ -380,7 +381,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     at_targets = {"method": trainer.scheme.method, "targets": sorted(pa["targets"])} if pa else {}
     if start == 0:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0, **at_targets))
-    max_bad, bad, name = int(mt.max_bad_steps), 0, str(mt.get("optimizer", "adamw"))
+    max_bad, bad, name = mt.max_bad_steps, 0, mt.optimizer
     for epoch in range(start, epochs):
         order = list(range(len(train_set)))
         random.Random(seed * 7919 + epoch).shuffle(order)  # the same order on every rank
@@ -420,7 +421,7 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
         scheduler.step()
         val_rows.append(validate(ctx, metanet, val_set, loaders, example, epoch=epoch + 1, **at_targets))
         atomic_save({"metanetwork": metanet.state_dict(), "epoch": epoch + 1,
-                     "metanetwork_cfg": OmegaConf.to_container(cfg.metanetwork, resolve=True)},
+                     "metanetwork_cfg": dataclasses.asdict(settings(cfg, "metanetwork"))},
                     epoch_checkpoint(meta_dir, epoch + 1))
         atomic_save({"metanetwork": metanet.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rows": rows, "val_rows": val_rows,

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from configs import load_group_option
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from main.visualize import knees
+from utils.config_schema import settings
 from utils.io import atomic_write_json, atomic_write_text, write_csv
 from utils.plotting import plt, save_figure
 
@@ -104,7 +105,7 @@ def select_epoch(curves: Dict[int, List[Dict[str, float]]], reference: float | N
 def selected_epoch(cfg: DictConfig, vis: Dict[str, Any]) -> tuple[int, Dict[int, float]]:
     """:func:`select_epoch` on the result of ``run=visualize``, by ``task.visualize.select_by``."""
     return select_epoch(vis["curves"], vis.get("reference_val_acc"), vis.get("target_val_acc"),
-                        str(cfg.task.visualize.get("select_by", "knee")))
+                        settings(cfg, "task.visualize").select_by)
 
 
 def _row(variant: str, m: Dict[str, Any]) -> Dict[str, Any]:
@@ -150,7 +151,7 @@ def plot_results(rows: List[Dict[str, Any]], stem: Path, title: str) -> None:
 @RUN_MODES.register("quickstart")
 def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
-    qs = cfg.task.get("quickstart")
+    qs, select = cfg.task.get("quickstart"), settings(cfg, "task.visualize")
     if qs is None:
         raise ConfigError(f"task {cfg.task.name} has no quickstart settings (task.quickstart.epochs, target_index); "
                           "run the stages one by one, or use the default task: `python -m main run=quickstart`")
@@ -170,7 +171,7 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
     epoch, scores = selected_epoch(cfg, vis)
     knee_of, at_target = vis["knees"], vis.get("target_val_acc") or {}
     log.info("quickstart: selected metanetwork epoch %d by %s (score %.2f, knee %.2fx; no metanetwork %.2f, "
-             "knee %.2fx)", epoch, cfg.task.visualize.get("select_by", "knee"), scores[epoch], knee_of[epoch],
+             "knee %.2fx)", epoch, select.select_by, scores[epoch], knee_of[epoch],
              scores.get(0, float("nan")), knee_of.get(0, float("nan")))
     slot = int(qs.target_index)
     timed("pretrain_final", stage_config(cfg, "pretrain_final", slot=slot))
@@ -187,10 +188,10 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
         f"{'no metanetwork' if e == 0 else f'epoch {e}'} {k:.2f}x" for e, k in sorted(knee_of.items()))
     table += "\n" + knee_line + "\n"
     if at_target:
-        table += (f"val acc of the validation data model pruned to {float(cfg.task.visualize.select_target):g}x "
+        table += (f"val acc of the validation data model pruned to {select.select_target:g}x "
                   "and fine-tuned: " + ", ".join(f"{'no metanetwork' if e == 0 else f'epoch {e}'} {a:.2f}"
                                                  for e, a in sorted(at_target.items())) + "\n")
-    summary = {"selected_epoch": epoch, "selected_by": str(cfg.task.visualize.get("select_by", "knee")),
+    summary = {"selected_epoch": epoch, "selected_by": select.select_by,
                "epoch_scores": scores, "knees": knee_of, "target_val_acc": at_target, "rows": rows, "timings": timings,
                "method": cfg.method.name, "task": cfg.task.name, "seed": int(cfg.seed)}
     atomic_write_json(summary, ctx.run_dir / "quickstart_results.json")

@@ -19,6 +19,7 @@ does not predict the accuracy once pruned and fine-tuned.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Dict, List
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from main.meta_train import apply_metanetwork, epoch_checkpoint, load_data_models, load_metanetwork
 from main.run_modes import RUN_MODES, ConfigError, prepare_run, run_argument
 from main.stages import data_for, example_input, train_stage
+from utils.config_schema import settings
 from utils.convert import graph_to_model
 from utils.io import atomic_write_json, file_digest, read_json
 from utils.plotting import plt, save_figure
@@ -50,7 +52,7 @@ def _epochs(cfg: DictConfig) -> List[int]:
 
 def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path) -> Dict[str, Any]:
     """Fine-tune the (metanetwork-edited) data model, then record accuracy vs speed-up while pruning."""
-    vis, seed = cfg.task.visualize, int(cfg.seed)
+    vis, seed = settings(cfg, "task.visualize"), int(cfg.seed)
     metanet = load_metanetwork(cfg, item.graph, epoch, ctx.device)
     with torch.no_grad():
         graph = apply_metanetwork(metanet, item.graph.to(ctx.device))
@@ -64,9 +66,9 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
     base_macs = int(item.info["base_macs"])
     # a copy for select_target, pruned after the curve (which prunes the network itself) so that the curve
     # sees the same random state with and without it
-    probe = copy.deepcopy(model) if vis.get("select_target") is not None else None
+    probe = copy.deepcopy(model) if vis.select_target is not None else None
     limit = scheme.curve_limit(vis)
-    every = int(vis.eval_every) if scheme.axis == "speed_up" else 1  # unstructured curves have few, coarse steps
+    every = vis.eval_every if scheme.axis == "speed_up" else 1  # unstructured curves have few, coarse steps
     points: List[Dict[str, float]] = []
 
     def record(step: int, position: float) -> None:
@@ -79,7 +81,7 @@ def curve(cfg: DictConfig, ctx, item, epoch: int, splits, loaders, out_dir: Path
     out = {"epoch": epoch, "slot": item.slot, "finetune_val_acc": fit.selected_val.get("acc"),
            "axis": scheme.axis, "points": points, "pruning_steps": result["steps"]}
     if probe is not None:
-        out["target"] = pruned_and_finetuned(cfg, ctx, probe, float(vis.select_target), example, base_macs, loaders,
+        out["target"] = pruned_and_finetuned(cfg, ctx, probe, vis.select_target, example, base_macs, loaders,
                                              out_dir / f"epoch_{epoch:03d}_at_target", seed)
     return out
 
@@ -131,19 +133,16 @@ def knees(curves: Dict[int, Dict[str, Any]], reference: float | None = None) -> 
 def visualize(cfg: DictConfig) -> Dict[str, Any]:
     ctx = prepare_run(cfg)
     epochs = _epochs(cfg)
-    vis = cfg.task.visualize
-    by = str(vis.get("select_by", "knee"))
-    if by not in ("knee", "target") or (by == "target" and vis.get("select_target") is None):
-        raise ConfigError(f"task.visualize.select_by={by}: choose knee, or target together with "
-                          "task.visualize.select_target=<speed-up> (e.g. the task's hardest target)")
-    val_set = load_data_models(cfg, "val")
-    slot_index = int(cfg.task.visualize.get("data_model", 0))
-    item = val_set[slot_index]
+    vis = settings(cfg, "task.visualize")
+    if vis.select_by == "target" and vis.select_target is None:
+        raise ConfigError("task.visualize.select_by=target needs task.visualize.select_target=<speed-up> "
+                          "(e.g. the task's hardest target)")
+    item = load_data_models(cfg, "val")[vis.data_model]
     for epoch in epochs:  # fail before any work when a checkpoint is missing
         load_metanetwork(cfg, item.graph, epoch, ctx.device)
     splits, loaders = data_for(cfg, ctx)
-    if vis.get("select_target") is not None:  # or an unreachable target
-        scheme_for(cfg.method).check_target(graph_to_model(item.graph).to(ctx.device), float(vis.select_target),
+    if vis.select_target is not None:  # or an unreachable target
+        scheme_for(cfg.method).check_target(graph_to_model(item.graph).to(ctx.device), vis.select_target,
                                             example_input(splits, ctx.device), int(item.info["base_macs"]))
     curves: Dict[int, Dict[str, Any]] = {}
     for epoch in epochs:
@@ -151,10 +150,10 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
         fingerprint = {
             "slot": item.slot, "method": OmegaConf.to_container(cfg.method, resolve=True),
             "schedule": OmegaConf.to_container(cfg.task.schedules.finetune_after_metanetwork, resolve=True),
-            "visualize": OmegaConf.to_container(cfg.task.visualize, resolve=True), "limits": vars(ctx.limits),
+            "visualize": dataclasses.asdict(vis), "limits": vars(ctx.limits),
             "checkpoint": file_digest(epoch_checkpoint(Path(cfg.meta_train_dir), epoch))[:16] if epoch else "",
         }
-        if vis.get("select_target") is not None:
+        if vis.select_target is not None:
             fingerprint["after_pruning"] = OmegaConf.to_container(cfg.task.schedules.finetune_after_pruning,
                                                                   resolve=True)
         if scheme_for(cfg.method).has_finetune_hook("finetune_after_metanetwork"):  # curves cached before its fine-tuning was regularised are stale
@@ -173,7 +172,7 @@ def visualize(cfg: DictConfig) -> Dict[str, Any]:
                  axis, 100 * KNEE_FRACTION)
     at_target = {e: c["target"]["val_acc"] for e, c in curves.items() if "target" in c}
     for e, acc in at_target.items():
-        log.info("epoch %d: val acc %.2f once pruned to %gx and fine-tuned", e, acc, float(vis.select_target))
+        log.info("epoch %d: val acc %.2f once pruned to %gx and fine-tuned", e, acc, vis.select_target)
     atomic_write_json({"fraction": KNEE_FRACTION, "axis": axis, "reference_val_acc": reference,
                        "knees": {str(e): k for e, k in knee_of.items()},
                        "target_val_acc": {str(e): a for e, a in at_target.items()}}, ctx.run_dir / "knees.json")

@@ -1,4 +1,9 @@
-"""The numeric settings that a run reads, checked before any work starts.
+"""The settings a run reads, as typed objects, and the checks made before any work starts.
+
+The ``metanetwork``, ``task.meta_train``, ``task.visualize`` and ``benchmark`` sections have a schema each
+(:mod:`configs.schema`, one dataclass per section). Code reads them with :func:`settings`
+(``settings(cfg, "task.meta_train").lr``), never with ``cfg.get(key, default)``; a key the schema does not
+declare, or a value of the wrong type, is a :class:`ConfigError` naming the key and the closest declared one.
 
 A bad value (``task.meta_train.batches_per_step=0``, ``task.schedules.pretrain.lr=-1``, an empty seed list)
 would otherwise crash deep inside a run, or run and produce nonsense. :func:`check_config` checks every
@@ -10,59 +15,29 @@ the pretrain, fine-tuning and other schedules of a task).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+import dataclasses
+import difflib
+from typing import Any, Dict, Iterator, List, Tuple, Type
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from configs.schema import (FRACTION, INT_AT_LEAST_0, INT_AT_LEAST_1, MILESTONES, NON_NEGATIVE, POSITIVE, SECTIONS,
+                            SPEED_UP, Rule, list_of)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, with the override that fixes it in the message."""
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _schema_rules(schema: Type[Any], prefix: str) -> Iterator[Tuple[str, Rule]]:
+    for f in dataclasses.fields(schema):
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            yield from _schema_rules(type(sub), f"{prefix}.{f.name}")
+        elif f.metadata.get("rule") is not None:
+            yield f"{prefix}.{f.name}", f.metadata["rule"]
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``check(value)`` must hold; ``valid`` says what is valid in words; ``example`` is a valid value."""
-
-    check: Callable[[Any], bool]
-    valid: str
-    example: str
-
-
-def _list_of(rule: Rule, non_empty: bool = True) -> Rule:
-    def check(v: Any) -> bool:
-        return isinstance(v, (list, tuple)) and (len(v) > 0 or not non_empty) and all(rule.check(x) for x in v)
-    return Rule(check, f"a {'non-empty ' if non_empty else ''}list, each {rule.valid}", f"[{rule.example}]")
-
-
-INT_AT_LEAST_1 = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1", "3")
-INT_AT_LEAST_0 = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0", "0")
-POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "a number > 0", "0.01")
-NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, "a number >= 0", "0.0005")
-AT_LEAST_1 = Rule(lambda v: _is_number(v) and v >= 1, "a number >= 1", "16")
-SPEED_UP = Rule(lambda v: _is_number(v) and v > 1, "a speed-up > 1", "2.0")
-FRACTION = Rule(lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)", "0.5")
-SEED = Rule(_is_int, "an integer", "0")
-MILESTONES = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)
-                  and list(v) == sorted(v), "a list of increasing integers >= 0 (may be empty)", "[6, 9]")
-
-
-def _one_of(*choices: str) -> Rule:
-    return Rule(lambda v: v in choices, "one of " + ", ".join(choices), choices[-1])
-
-
-EPOCH_LIST = Rule(lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
-                                          and all(_is_int(x) and x >= 0 for x in v)),
-                  "null or a non-empty list of epochs >= 0", "[2, 4, 8]")
 
 RULES: Dict[str, Rule] = {
     "task.batch_size": INT_AT_LEAST_1,
@@ -72,32 +47,14 @@ RULES: Dict[str, Rule] = {
     "task.schedules.*.milestones": MILESTONES,
     "task.data_models.num": INT_AT_LEAST_1,
     "task.data_models.val_fraction": FRACTION,
-    "task.meta_train.epochs": INT_AT_LEAST_1,
-    "task.meta_train.lr": POSITIVE,
-    "task.meta_train.weight_decay": NON_NEGATIVE,
-    "task.meta_train.milestones": MILESTONES,
-    "task.meta_train.alpha": AT_LEAST_1,
-    "task.meta_train.pruner_reg": NON_NEGATIVE,
-    "task.meta_train.batch_size": INT_AT_LEAST_1,
-    "task.meta_train.batches_per_step": INT_AT_LEAST_1,
-    "task.meta_train.max_bad_steps": INT_AT_LEAST_1,
     "task.pruning.initial_speed_up": SPEED_UP,
-    "task.pruning.target_speed_ups": _list_of(SPEED_UP),
+    "task.pruning.target_speed_ups": list_of(SPEED_UP),
     "task.pruning.initial_sparsity": FRACTION,
-    "task.visualize.max_speed_up": SPEED_UP,
-    "task.visualize.max_sparsity": FRACTION,
-    "task.visualize.eval_every": INT_AT_LEAST_1,
-    "task.quickstart.epochs": _list_of(INT_AT_LEAST_1),
+    "task.quickstart.epochs": list_of(INT_AT_LEAST_1),
     "task.quickstart.target_index": INT_AT_LEAST_0,
-    "benchmark.seeds": _list_of(SEED),
-    "benchmark.speed_ups": _list_of(SPEED_UP),
-    "benchmark.meta_seed": SEED,
-    "benchmark.meta_epochs": EPOCH_LIST,
-    "benchmark.target_index": INT_AT_LEAST_0,
     "method.reg": NON_NEGATIVE,
-    # the metanetwork's rule and edit (nn/metanetwork/model.py); a retired option lands here too
-    "metanetwork.layer": _one_of("fast", "pyg", "multiplicative"),
-    "metanetwork.edit": _one_of("additive", "relative_scale"),
+    # the sections' rules, from their schema (a retired metanetwork.edit or layer lands here too)
+    **{key: rule for section, schema in SECTIONS.items() for key, rule in _schema_rules(schema, section)},
 }
 
 
@@ -122,10 +79,50 @@ def _plain(value: Any) -> Any:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first key of :data:`RULES` whose value is not valid."""
+    """Raise :class:`ConfigError` for the first key of :data:`RULES` whose value is not valid, then for a key
+    of a :data:`SECTIONS` section that its schema does not declare or a value of the wrong type."""
     for pattern, rule in RULES.items():
         for key, value in _walk(cfg, pattern.split("."), ""):
             value = _plain(value)
             if not rule.check(value):
                 raise ConfigError(f"{key}={value!r} is not valid: it must be {rule.valid}, "
                                   f"e.g. {key}={rule.example}")
+    for section in SECTIONS:
+        if OmegaConf.select(cfg, section) is not None:
+            settings(cfg, section)
+
+
+def _unknown_keys(schema: Type[Any], values: Dict[str, Any], prefix: str) -> Iterator[Tuple[str, List[str]]]:
+    """``(dotted key, close declared names)`` for every key of ``values`` that ``schema`` does not declare."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        if key not in fields:
+            yield f"{prefix}.{key}", difflib.get_close_matches(str(key), list(fields), n=2)
+            continue
+        sub = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            yield from _unknown_keys(type(sub), value, f"{prefix}.{key}")
+
+
+def typed_settings(values: Any, schema: Type[Any], section: str) -> Any:
+    """``values`` (a mapping; None for none) as an instance of the dataclass ``schema``: the defaults filled in,
+    each value converted to its declared type. A key the schema does not declare, or a value that does not
+    convert, raises :class:`ConfigError` naming ``section.key``."""
+    plain = _plain(values) if values is not None else {}
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{section} must be a mapping of settings, got {plain!r}")
+    for key, close in _unknown_keys(schema, plain, section):
+        hint = f" Did you mean {' or '.join(f'`{key.rpartition(chr(46))[0]}.{c}`' for c in close)}?" if close else ""
+        raise ConfigError(f"{key} is not a setting of {section}.{hint} Declared: "
+                          f"{', '.join(f.name for f in dataclasses.fields(schema))}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except OmegaConfBaseException as err:
+        key = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def settings(cfg: DictConfig, section: str) -> Any:
+    """The typed settings of ``section`` (a key of :data:`SECTIONS`, e.g. ``"task.meta_train"``) of ``cfg``:
+    an instance of its schema with the defaults of every key the config leaves out."""
+    return typed_settings(OmegaConf.select(cfg, section), SECTIONS[section], section)

@@ -13,35 +13,30 @@ decoders).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 from nn.metanetwork.layers import EdgeMessageLayer, PyGEdgeMessageLayer
 from nn.metanetwork.model import GraphMetanetwork
+from configs.schema import MetanetworkSettings
+from utils.config_schema import typed_settings
 from utils.convert.graph import NetworkGraph
 from utils.registry import Registry
 
 METANETWORKS: Registry = Registry("metanetwork")
 METANETWORKS.register("graph_metanetwork")(GraphMetanetwork)
 
-# keys of configs/metanetwork/*.yaml passed to the class (besides `name`)
-_CONFIG_KEYS = ("num_layers", "hidden_dim", "node_ratio", "edge_ratio", "checkpoint", "activation", "layer",
-                "backend", "kernels", "edit", "magnitude_features")
-
-
-def build_metanetwork(cfg: Mapping[str, Any], graph: NetworkGraph) -> Optional[GraphMetanetwork]:
+def build_metanetwork(cfg: MetanetworkSettings | Mapping[str, Any], graph: NetworkGraph) -> Optional[GraphMetanetwork]:
     """Metanetwork for graphs like ``graph`` from a ``configs/metanetwork`` entry; None for ``name: none``.
 
-    ``cfg`` is a dict or DictConfig with ``name`` and the keys of :class:`GraphMetanetwork` (``num_layers``,
-    ``hidden_dim``, ``node_ratio``, ``edge_ratio``, optional ``checkpoint``, ``activation``).
+    ``cfg`` is a :class:`~configs.schema.MetanetworkSettings`, or a dict or DictConfig of its keys (the
+    schema fills in the rest); a key it does not declare raises ``ConfigError``.
     """
-    name = cfg["name"]
-    if name in (None, "none"):
+    s = cfg if isinstance(cfg, MetanetworkSettings) else typed_settings(cfg, MetanetworkSettings, "metanetwork")
+    if s.name in (None, "none"):
         return None
-    unknown = sorted(set(cfg) - set(_CONFIG_KEYS) - {"name"})
-    if unknown:
-        raise KeyError(f"Unknown metanetwork config keys {unknown}; valid: {', '.join(_CONFIG_KEYS)}")
-    kwargs = {k: cfg[k] for k in _CONFIG_KEYS if k in cfg and cfg[k] is not None}
-    return METANETWORKS.get(name).from_graph(graph, **kwargs)
+    kwargs = {k: v for k, v in dataclasses.asdict(s).items() if k != "name"}
+    return METANETWORKS.get(s.name).from_graph(graph, **kwargs)
 
 
 __all__ = ["EdgeMessageLayer", "GraphMetanetwork", "METANETWORKS", "PyGEdgeMessageLayer", "build_metanetwork"]

@@ -464,7 +464,7 @@ def test_build_from_config_files():
     meta = build_metanetwork(OmegaConf.load(CONFIGS / "resnet56.yaml"), graph)
     assert (meta.num_layers, meta.hidden_dim, meta.edge_ratio) == (8, 64, 0.01)
     assert set(meta.edge_dec) == {"conv3x3", "conv1x1", "linear"}  # no decoder for the constant type
-    with pytest.raises(KeyError, match="hidden_dims"):
+    with pytest.raises(ValueError, match="hidden_dims is not a setting.*Did you mean `metanetwork.hidden_dim`"):
         build_metanetwork({"name": "graph_metanetwork", "hidden_dims": 3}, graph)
 
 

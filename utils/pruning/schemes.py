@@ -20,6 +20,8 @@ import torch
 import torch_pruning as tp
 from omegaconf import DictConfig
 
+from configs.schema import MetaTrainSettings, VisualizeSettings
+
 from utils import distributed as du
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
@@ -57,7 +59,7 @@ class PruningScheme(abc.ABC):
         """Prune in place to ``target``; ``on_step(step, position)`` after each step. Returns a summary."""
 
     @abc.abstractmethod
-    def curve_limit(self, vis: DictConfig) -> float:
+    def curve_limit(self, vis: VisualizeSettings) -> float:
         """Where ``run=visualize`` stops pruning (``task.visualize``)."""
 
     def position(self, model: torch.nn.Module, example: torch.Tensor, base_macs: int) -> float:
@@ -78,7 +80,7 @@ class PruningScheme(abc.ABC):
 
     @abc.abstractmethod
     def meta_regularizer(self, model: torch.nn.Module, example: torch.Tensor,
-                         mt: DictConfig) -> Callable[[torch.nn.Module], None]:
+                         mt: MetaTrainSettings) -> Callable[[torch.nn.Module], None]:
         """Adds the sparsity gradient of meta-training to the gradients of ``model``'s weights."""
 
 
@@ -156,7 +158,7 @@ class UnstructuredScheme(PruningScheme):
         return float(task.pruning.get("initial_sparsity", 0.3))
 
     def curve_limit(self, vis):
-        return (self.m - 1) / self.m if self.pattern == "nm" else float(vis.get("max_sparsity", 0.9))
+        return (self.m - 1) / self.m if self.pattern == "nm" else float(vis.max_sparsity)
 
     def check_target(self, model, target, example, base_macs) -> None:
         if self.pattern == "nm":
