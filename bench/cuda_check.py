@@ -132,12 +132,11 @@ def check_metanetwork_fwd_bwd(device: torch.device, reps: int) -> str:
         torch.cuda.reset_peak_memory_stats(device)
     graph = model_to_graph(create_model("resnet56", num_classes=10))
     metanet = build_metanetwork(cfg, graph).to(device)
-    # The layout's index tensors stay on the CPU (the metanetwork copies them per call): move them once here.
-    edge_index = {t: graph.edge_index[t].to(device) for t in graph.edge_index}
-    node_type, on_device = graph.node_type.to(device), graph.to(device)
+    on_device = graph.to(device)  # the layout's index tensors move with it
 
     def forward() -> tuple:
-        return metanet.forward_features(on_device.node_features, edge_index, on_device.edge_features, node_type)
+        return metanet.forward_features(on_device.node_features, on_device.edge_index, on_device.edge_features,
+                                        on_device.node_type)
 
     def fwd() -> tuple:
         with torch.no_grad():
