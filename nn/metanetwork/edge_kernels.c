@@ -1,6 +1,7 @@
 /* Fused CPU kernels of one metanetwork layer's edge work (see nn/metanetwork/kernels.py for the contract).
  *
- * Compiled on first use by kernels.py with -O3 -march=native -ffp-contract=off and the macros
+ * Compiled on first use by kernels.py with -O3 -march=native -ffp-contract=off -fno-trapping-math (without it,
+ * GCC leaves the loops with conditionals scalar on AVX2; kernels.py says why) and the macros
  *   HD  : hidden width H (a compile-time constant, so the per-row loops unroll and vectorise fully)
  *   ACT : 0 silu, 1 relu, 2 tanh
  * One pass over the edges does everything an edge row needs (layer norm, the edge matrix-vector product,

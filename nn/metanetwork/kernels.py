@@ -9,11 +9,18 @@ number of hits of the max and min* (so tied extremes share their gradient withou
 gated edge update. ``edge_backward`` is the matching single pass; only the weight gradient is left to one
 ``addmm`` per block (MKL is faster at that outer-product sum than a per-edge loop).
 
-The library is compiled with the system C compiler (``cc``/``gcc``, ``-O3 -march=native``) once per
+The library is compiled with the system C compiler (``cc``/``gcc``, ``-O3 -march=native``; another target with
+``METANETWORK_KERNEL_MARCH``, e.g. ``x86-64-v3`` for an AVX2 build on an AVX-512 machine) once per
 ``(H, activation)`` into ``$METANETWORK_KERNEL_DIR`` (default ``~/.cache/graph_meta_pruning/kernels``),
 keyed by the source, flags and CPU, and reused by later processes (about 1 s to build). Where no compiler
 is available, or for float64 / CUDA tensors, :func:`get_kernels` returns None and the eager path runs.
 ``METANETWORK_KERNELS=0`` disables the kernels.
+
+``-fno-trapping-math`` matters on CPUs without AVX-512. The hot per-row loops have conditionals (the clamp in
+``exp``, the max/min hit counts, the max/min masks of the gradient). With AVX-512's masked operations GCC
+vectorises them anyway; with AVX2 it must evaluate both arms and blend, which trapping math forbids, so
+those loops ran scalar (GCC's ``-fopt-info-vec-missed``: "control flow in loop"). Nothing here traps or
+reads the floating-point status, so the flag changes no result.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("edge_kernels.c")
 ACT_CODES = {"silu": 0, "relu": 1, "tanh": 2}
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11"]
 MAX_HIDDEN = 1024  # per-row scratch lives on the stack: 10 arrays of H floats
 
 
@@ -60,7 +67,8 @@ def _build(hidden: int, activation: str) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found")
-    flags = FLAGS + [f"-DHD={hidden}", f"-DACT={ACT_CODES[activation]}"]
+    flags = FLAGS + [f"-march={os.environ.get('METANETWORK_KERNEL_MARCH') or 'native'}", f"-DHD={hidden}",
+                     f"-DACT={ACT_CODES[activation]}"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + flags).encode() + _cpu_tag().encode())
     out_dir = _cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -389,12 +389,17 @@ def _capabilities() -> list:
 @pytest.mark.parametrize("capability", _capabilities())
 def test_ties_agree_under_every_cpu_capability(capability):
     """The torch path, the C kernels and the PyG reference agree on ties whatever vectorised kernels ATen
-    picks: the tie tests of this file, in a fresh process with ``ATEN_CPU_CAPABILITY`` set."""
+    picks: the tie tests of this file, in a fresh process with ``ATEN_CPU_CAPABILITY`` set, and on x86 with
+    the C kernels built for the same level (``x86-64`` for default, ``x86-64-v3`` for AVX2), as a CPU of
+    that level would build them."""
     import os
+    import platform
     import subprocess
     import sys
 
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    if platform.machine() in ("x86_64", "AMD64") and capability in ("default", "avx2"):
+        env["METANETWORK_KERNEL_MARCH"] = {"default": "x86-64", "avx2": "x86-64-v3"}[capability]
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip().lower() == capability  # the setting took effect in the child
