@@ -2,6 +2,7 @@
 
     python bench/metanetwork.py                          # ResNet-56 (fast + PyG reference), VGG-19, ResNet-50
     python bench/metanetwork.py --only resnet56 --reps 5
+    python bench/metanetwork.py --per-layer                # one layer of the ResNet-56 graph against the machine's limits
     OMP_NUM_THREADS=1 python bench/metanetwork.py --only resnet56 --threads 1   # on a busy shared machine
 
 The fast layer runs the fused C kernels of ``nn/metanetwork/kernels.py`` on CPU (built once per hidden width
@@ -15,6 +16,15 @@ after one warm-up (the first iteration, printed as ``cold``, pays for first-touc
 growth; on a shared machine the minimum is the least disturbed figure). Graphs come from
 ``utils.convert.model_to_graph`` on ``nn.models.create_model(...)``; synthetic graphs of the same sizes are
 used when the converter is unavailable (the output says which).
+
+``--per-layer`` times one message-passing layer (H = 64) on the ResNet-56 graph's edges, forward and
+forward+backward, with the C kernels and with the torch path (``kernels=False``), and sets each against the
+machine's limits in the same run: the FLOPs a layer must do (its ``E x H x H`` edge product and the
+per-edge element work; the backward counted as twice the forward) against the fp32 peak
+(``--peak-gflops``, default: cores x the CPU's maximum clock x 32 FLOPs per cycle, two 256-bit FMA pipes),
+and the bytes it must move at least (edge rows read and written, the saved pre-activations, indices)
+against the copy bandwidth measured here (a 256 MB ``copy_``). The node tables it gathers from and
+scatters into (``N x H`` each, 10 of them) are counted once, as if they stayed in cache.
 """
 from __future__ import annotations
 
@@ -115,6 +125,85 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def layer_costs(num_nodes: int, num_edges: int, hidden: int) -> dict:
+    """FLOPs and the least bytes of one layer's forward (``fwd``) and forward+backward (``fwd+bwd``)."""
+    E, N, H = num_edges, num_nodes, hidden
+    # per edge: layer norm (5H), the edge product (2 H^2), both directions' sums (4H), two activations
+    # (~20H each with the exp polynomial), two rows of statistics (6H each), the gated update (6H);
+    # per node: five H x H maps and the 4H -> H post map twice
+    flops = E * (2 * H * H + 73 * H) + N * (5 + 8) * 2 * H * H
+    fwd_bytes = E * (4 * H * 2 + 4 * 2 * H + 16) + 10 * N * H * 4  # e in, e_new out, pre out, src/dst; node tables
+    return {"fwd": (flops, fwd_bytes), "fwd+bwd": (3 * flops, fwd_bytes + E * (4 * H * 4 + 4 * 2 * H + 16))}
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 256 MB float32 ``copy_`` (read + write), best of 5."""
+    a, b = torch.ones(64 * 2**20), torch.empty(64 * 2**20)
+    b.copy_(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
+    return 2 * a.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peak_gflops() -> float:
+    """Threads x maximum clock x 32 fp32 FLOPs per cycle (two 256-bit FMA pipes), the clock from ``lscpu``
+    or ``/proc/cpuinfo`` (2.45 GHz where neither says)."""
+    mhz = 0.0
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith(("CPU max MHz", "CPU MHz")) and not mhz:
+                mhz = float(line.split(":")[1])
+        if not mhz:
+            with open("/proc/cpuinfo") as f:
+                mhz = float(next((ln for ln in f if ln.startswith("cpu MHz")), "x: 0").split(":")[1])
+    except (OSError, ValueError):
+        pass
+    return torch.get_num_threads() * (mhz or 2450.0) / 1000 * 32
+
+
+def per_layer(args: argparse.Namespace) -> None:
+    from nn.metanetwork import EdgeMessageLayer
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    graph, kind = load_graph("resnet56")
+    N, H = graph.num_nodes, 64
+    index = torch.cat([graph.edge_index[t] for t in graph.edge_index], dim=1)
+    E = index.shape[1]
+    peak, bandwidth = args.peak_gflops or peak_gflops(), copy_bandwidth()
+    print(f"one layer, H={H}, on the {kind} ResNet-56 graph: {N:,} nodes, {E:,} edges; threads "
+          f"{torch.get_num_threads()}, fp32 peak {peak:.0f} GFLOPS (--peak-gflops), copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (measured)")
+    torch.manual_seed(0)
+    h, e = torch.randn(N, H), torch.randn(E, H)
+    costs = layer_costs(N, E, H)
+    for kernels in (True, False):
+        layer = EdgeMessageLayer(H, "silu", kernels=kernels)
+        hg, eg = h.clone().requires_grad_(), e.clone().requires_grad_()
+
+        def fwd() -> None:
+            with torch.no_grad():
+                layer(h, e, index)
+
+        def fwd_bwd() -> None:
+            hn, en = layer(hg, eg, index)
+            (hn.square().sum() + en.square().sum()).backward()
+            layer.zero_grad(set_to_none=True)
+
+        for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            fn()  # warm-up (builds the kernels)
+            best = min(_timed(fn) for _ in range(max(args.reps, 1)))
+            flops, nbytes = costs[name]
+            print(f"  {'C kernels' if kernels else 'torch path':>10} {name:>7}: {1000 * best:7.1f} ms  "
+                  f"{flops / best / 1e9:6.1f} GFLOPS ({100 * flops / best / 1e9 / peak:4.1f}% of peak)  "
+                  f"{nbytes / best / 1e9:5.1f} GB/s ({100 * nbytes / best / bandwidth:4.1f}% of copy bandwidth)")
+
+
 def describe(r: dict) -> str:
     times = "  ".join(f"{k} {r[k]:7.2f}s (cold {r[k + '_cold']:.2f}s)" for k in ("fwd", "fwd+bwd") if k in r)
     mem = f"peak {r['peak_gib']:.2f} GiB" + (f" (graph+model {r['rss_before_gib']:.2f})" if "rss_before_gib" in r else "")
@@ -129,11 +218,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
+    parser.add_argument("--per-layer", action="store_true", help="one layer against the machine's limits")
+    parser.add_argument("--peak-gflops", type=float, default=0.0, help="fp32 peak (default: from lscpu)")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "LAYER", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.config, args.layer, args.mode = args.worker
         return worker(args)
+    if args.per_layer:
+        return per_layer(args)
     print(f"device={args.device} threads={args.threads or torch.get_num_threads()} torch={torch.__version__}")
     for config in args.only:
         *_, impls, mode = CONFIGS[config]
