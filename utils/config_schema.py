@@ -78,15 +78,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _check(key: str, value: Any, rule: Rule) -> None:
+    if not rule.check(value):
+        raise ConfigError(f"{key}={value!r} is not valid: it must be {rule.valid}, e.g. {key}={rule.example}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first key of :data:`RULES` whose value is not valid, then for a key
     of a :data:`SECTIONS` section that its schema does not declare or a value of the wrong type."""
     for pattern, rule in RULES.items():
         for key, value in _walk(cfg, pattern.split("."), ""):
-            value = _plain(value)
-            if not rule.check(value):
-                raise ConfigError(f"{key}={value!r} is not valid: it must be {rule.valid}, "
-                                  f"e.g. {key}={rule.example}")
+            _check(key, _plain(value), rule)
     for section in SECTIONS:
         if OmegaConf.select(cfg, section) is not None:
             settings(cfg, section)
@@ -116,10 +118,16 @@ def typed_settings(values: Any, schema: Type[Any], section: str) -> Any:
         raise ConfigError(f"{key} is not a setting of {section}.{hint} Declared: "
                           f"{', '.join(f.name for f in dataclasses.fields(schema))}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
     except OmegaConfBaseException as err:
         key = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    for key, rule in _schema_rules(schema, section):  # each value meets its rule, wherever it is read
+        value = typed
+        for part in key[len(section) + 1:].split("."):
+            value = getattr(value, part)
+        _check(key, value, rule)
+    return typed
 
 
 def settings(cfg: DictConfig, section: str) -> Any:

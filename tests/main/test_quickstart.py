@@ -76,9 +76,9 @@ def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
 
 
 def test_selection_settings_are_checked_before_any_curve(tmp_path):
-    with pytest.raises(ConfigError, match="select_by=speed"):
+    with pytest.raises(ConfigError, match="select_by='speed' is not valid: it must be one of target, knee"):
         dispatch(_cfg(tmp_path, "run=visualize", "epochs=[0]", "task.visualize.select_by=speed"))
-    with pytest.raises(ConfigError, match="together with task.visualize.select_target"):
+    with pytest.raises(ConfigError, match="select_by=target needs task.visualize.select_target"):
         dispatch(_cfg(tmp_path, "run=visualize", "epochs=[0]", "task.visualize.select_by=target",
                       "task.visualize.select_target=null"))
 
