@@ -65,6 +65,24 @@ def build_pruner(model: torch.nn.Module, method: PruningMethod, example_input: t
     )
 
 
+def group_regularizer(pruner: tp.pruner.BasePruner, **kwargs: Any) -> Callable[[torch.nn.Module], None]:
+    """``pruner.regularize`` (Torch-Pruning's group-sparsity gradient, ``kwargs`` e.g. ``alpha``) over the
+    groups of more than one channel.
+
+    Torch-Pruning scales a group's penalty by ``alpha ** ((max - imp) / (max - min))`` of its channels'
+    importances; a group cut down to one channel has ``max == min``, so the scale is 0/0 and every gradient
+    of the step NaN (a lightly pruned target network with a one-channel layer: the loss became NaN after the
+    first fine-tuning step). Such a group cannot shrink further anyway, so it is left out."""
+    def regularize(model: torch.nn.Module) -> None:
+        groups = pruner._groups
+        pruner._groups = [g for g in groups if len(g[0].idxs) > 1]
+        try:
+            pruner.regularize(model, **kwargs)
+        finally:
+            pruner._groups = groups
+    return regularize
+
+
 def max_speed_up(model: torch.nn.Module, method: PruningMethod, example_input: torch.Tensor, base_macs: int) -> float:
     """Estimate of the largest reachable speed-up: every group pruned to ~5% of its channels (on a copy), or to
     what the method's per-layer cap leaves when that is more.

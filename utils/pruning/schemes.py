@@ -25,8 +25,8 @@ from configs.schema import MetaTrainSettings, VisualizeSettings
 from utils import distributed as du
 from utils.pruning.macs import MacCounter
 from utils.pruning.methods import build_method
-from utils.pruning.progressive import (PruningError, build_pruner, loss_gradients, max_speed_up, progressive_prune,
-                                       pruning_kwargs)
+from utils.pruning.progressive import (PruningError, build_pruner, group_regularizer, loss_gradients, max_speed_up,
+                                       progressive_prune, pruning_kwargs)
 from utils.pruning import unstructured as us
 from utils.registry import Registry
 
@@ -120,7 +120,7 @@ class ChannelScheme(PruningScheme):
 
     def finetune_hook(self, model, example, stage):
         if self.has_finetune_hook(stage):
-            return build_pruner(model, self.method, example, steps=1).regularize  # DepGraph + SL
+            return group_regularizer(build_pruner(model, self.method, example, steps=1))  # DepGraph + SL
         return None
 
     def meta_regularizer(self, model, example, mt):
@@ -128,7 +128,7 @@ class ChannelScheme(PruningScheme):
                                                             group_reduction="mean")
         pruner = tp.pruner.GroupNormPruner(model, example, importance=importance, reg=float(mt.pruner_reg),
                                            alpha=float(mt.alpha), **pruning_kwargs(model))
-        return lambda m: pruner.regularize(m, alpha=float(mt.alpha))
+        return group_regularizer(pruner, alpha=float(mt.alpha))
 
 
 @SCHEMES.register("unstructured")

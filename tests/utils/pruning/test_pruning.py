@@ -230,3 +230,40 @@ def test_each_criterion_removes_the_channels_torch_pruning_ranks_lowest(name):
         kept[idxs] = False
         if idxs and kept.any():
             assert score[idxs].max() <= score[kept].min(), (name, module)
+
+
+def test_the_sparsity_gradient_stays_finite_with_a_one_channel_layer():
+    """Sparse learning's regulariser on a network with a layer cut down to one channel (a lightly pruned target
+    network can have one): Torch-Pruning's own ``regularize`` makes every gradient NaN there (its scale is
+    0/0 for a one-channel group); the project's hook leaves that group out and regularises the others."""
+    from utils.pruning.progressive import build_pruner
+    from utils.pruning.schemes import scheme_for
+
+    class TwoConvs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 1, 3, padding=1), torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+
+    def grads(regularize):
+        model.zero_grad()
+        model(x).square().sum().backward()
+        regularize(model)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = TwoConvs()
+    cfg = load_group_option("method", "sparse_learning")
+    cfg.reg = 0.5
+    hook = scheme_for(cfg).finetune_hook(model, x, "finetune_after_metanetwork")
+    plain = grads(lambda m: None)
+    ours = grads(hook)
+    assert all(torch.isfinite(g).all() for g in ours.values())
+    assert not torch.equal(ours["b.weight"], plain["b.weight"])  # the 8-channel group is still regularised
+    raw = build_pruner(model, build_method(cfg), x, steps=1).regularize
+    assert any(not torch.isfinite(g).all() for g in grads(raw).values())  # what the guard prevents
