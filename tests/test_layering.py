@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("main_imagenet", "generate_dataset", "main", "data_loaders", "nn", "utils", "configs")
 
 
+@pytest.mark.slow
 def test_import_contracts_are_kept():
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     if not Path(exe).exists():
@@ -35,6 +36,7 @@ def _imports_inside_functions(source: str) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_no_project_import_inside_a_function():
     """Cycles must be removed, not dodged by importing late: every project import sits at module level."""
     late = [f"{path.relative_to(ROOT)}:{line} imports {name}"

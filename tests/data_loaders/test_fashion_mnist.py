@@ -150,6 +150,7 @@ def test_other_image_size_is_refused(tmp_path):
         build_datasets(cfg(tmp_path / "data", image_size=32))
 
 
+@pytest.mark.slow
 def test_the_fashion_mnist_task_trains_on_tiny_files(tmp_path):
     from hydra import compose, initialize_config_dir
 

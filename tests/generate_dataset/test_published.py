@@ -100,6 +100,7 @@ def _save_published(path: Path, models) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_published_resnet_rows_import_with_their_widths_and_logits(tmp_path):
     originals = [_pruned_resnet20(0), _pruned_resnet20(1)]
     folder = _save_published(tmp_path / "published_r20", originals)
@@ -125,6 +126,7 @@ def store_files_of(cfg):
     return sorted(Path(cfg.data_models_dir).glob("shard_*.h5"))
 
 
+@pytest.mark.slow
 def test_published_vgg_rows_map_onto_the_zoo_vgg_with_three_pools(tmp_path):
     originals = [_published_vgg(0), _published_vgg(1)]
     folder = _save_published(tmp_path / "published_vgg", originals)
@@ -144,6 +146,7 @@ def test_published_vgg_rows_map_onto_the_zoo_vgg_with_three_pools(tmp_path):
         assert compose("main", overrides=["task=VGG19_on_CIFAR100"]).model.kwargs.max_pools == 3
 
 
+@pytest.mark.slow
 def test_a_row_of_another_architecture_is_rejected_and_nothing_is_written(tmp_path):
     good = _pruned_resnet20(0)
     bad = _pruned_resnet20(0)
@@ -163,6 +166,7 @@ def test_a_row_of_another_architecture_is_rejected_and_nothing_is_written(tmp_pa
         dispatch(_cfg(tmp_path, "model=resnet20", f"path={tmp_path / 'nowhere'}"))
 
 
+@pytest.mark.slow
 def test_import_appends_a_shard_refuses_a_second_import_and_exports_back(tmp_path):
     originals = [_pruned_resnet20(0), _pruned_resnet20(1)]
     first = _save_published(tmp_path / "first", originals[:1])

@@ -23,6 +23,7 @@ METHODS = {"graph_metanetwork": {"method": "group_l2_max", "metanetwork": True},
            "group_l2_max": {"method": "group_l2_max"}, "random": {"method": "random"}}
 
 
+@pytest.mark.slow
 def test_benchmark_fills_every_cell_and_a_rerun_skips_them(tmp_path, monkeypatch):
     calls = []
     real = bm.dispatch
@@ -52,6 +53,7 @@ def test_benchmark_fills_every_cell_and_a_rerun_skips_them(tmp_path, monkeypatch
     assert "pruning_final" not in calls and again["cells"] == result["cells"]
 
 
+@pytest.mark.slow
 def test_a_grid_is_chosen_on_validation_once_and_used_for_every_seed(tmp_path, monkeypatch):
     calls = []
     real = bm.dispatch
@@ -70,6 +72,7 @@ def test_a_grid_is_chosen_on_validation_once_and_used_for_every_seed(tmp_path, m
     assert bm.benchmark(_bench_cfg(tmp_path, methods))["cells"] == result["cells"] and "pruning_final" not in calls
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_cells_of_one_bit_for_bit(tmp_path):
     methods = {"group_l2_max": {"method": "group_l2_max"},
                "sparse_learning": {"method": "sparse_learning", "grid": {"method.reg": [5e-4, 0.2]}}}

@@ -30,6 +30,7 @@ def _nm_2_4():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [lambda: _pruned("resnet20"), lambda: _pruned("vgg19_bn"), _nm_2_4,
                                    lambda: _pruned("vit_tiny")], ids=["pruned_resnet", "pruned_vgg", "nm_2_4", "vit"])
 def test_onnxruntime_matches_pytorch(build, tmp_path):
@@ -55,6 +56,7 @@ class _Shifted(torch.nn.Module):
         return self.inner(x) + 1e-3
 
 
+@pytest.mark.slow
 def test_a_wrong_export_is_caught(tmp_path, monkeypatch):
     """The exported file computes logits + 1e-3: the check against PyTorch must refuse it."""
     import main.export

@@ -21,6 +21,7 @@ def root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["meta_epoch=2"], ["metanetwork=none"], ["metanetwork=none", "method=sparse_learning"]],
                          ids=["metanetwork", "baseline", "sparse_learning"])
 def test_pruning_final_reaches_the_target_and_saves_a_reloadable_network(root, overrides, monkeypatch):
@@ -56,6 +57,7 @@ def test_pruning_final_reaches_the_target_and_saves_a_reloadable_network(root, o
     assert again["speed_up"] == metrics["speed_up"]
 
 
+@pytest.mark.slow
 def test_baselines_share_the_after_metanetwork_finetune_of_their_target(root, monkeypatch):
     import main.final as final
 
@@ -116,6 +118,7 @@ def test_analyse_compares_before_and_after_the_metanetwork(root):
         dispatch(_cfg(root, "run=analyse"))
 
 
+@pytest.mark.slow
 def test_export_writes_a_checked_onnx_file_next_to_the_model(root):
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     # the named forms (target=, slot=) of the baseline test's index=1.6 reproduce_index=100

@@ -126,6 +126,7 @@ def test_prune_aware_settings_are_checked(store):
     assert mt.prune_aware_settings(_cfg(store)) is None  # off by default: the published objective
 
 
+@pytest.mark.slow
 def test_meta_train_writes_checkpoints_and_resumes_bit_identically(store, monkeypatch):
     full = _cfg(store, "run=meta_train", "run_name=full")
     dispatch(full)
@@ -166,6 +167,7 @@ def test_non_finite_steps_are_skipped_then_stop(store, monkeypatch):
     assert not (Path(_cfg(store, "run_name=nan").meta_train_dir) / "meta_last.pt").exists()
 
 
+@pytest.mark.slow
 def test_visualize_draws_cached_curves(store, monkeypatch):
     dispatch(_cfg(store, "run=meta_train", "run_name=vis"))  # meta-train a metanetwork to visualise
     cfg = _cfg(store, "run=visualize", "index=[0,2]", "run_name=vis")

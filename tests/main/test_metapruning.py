@@ -23,6 +23,7 @@ FINAL_KEYS = ("task", "method", "metanetwork", "target_speed_up", "seed", "val_a
                                        ["method=metapruning", "method.retrain.init=generated",
                                         "method.retrain.schedule=finetune_after_pruning"]],
                          ids=["metapruning", "rewarded", "from_generated_weights"])
+@pytest.mark.slow
 def test_pruning_final_runs_metapruning_to_the_target(tmp_path, overrides):
     cfg = _cfg(tmp_path, "run=pruning_final", "index=1.5", *SMALL, *overrides)
     metrics = dispatch(cfg)

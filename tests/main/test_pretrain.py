@@ -21,6 +21,7 @@ def _cfg(*overrides):
         return compose("main", overrides=list(overrides))
 
 
+@pytest.mark.slow
 def test_pretrain_debug_on_digits_learns_and_saves_a_reloadable_model(tmp_path):
     cfg = _cfg("debug=quick", "debug.max_epochs=3", f"paths.output_dir={tmp_path}")
     metrics = dispatch(cfg)
@@ -38,6 +39,7 @@ def test_pretrain_debug_on_digits_learns_and_saves_a_reloadable_model(tmp_path):
     assert evaluate(model, loaders["test"], torch.device("cpu"))["acc"] == pytest.approx(metrics["test_acc"])
 
 
+@pytest.mark.slow
 def test_pretrain_rerun_resumes_instead_of_retraining(tmp_path):
     cfg = _cfg("debug=smoke", "resume=true", f"paths.output_dir={tmp_path}")
     first = dispatch(cfg)
@@ -56,6 +58,7 @@ def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "main", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_run_mode_and_missing_dataset(tmp_path):
     out = _cli("run=bogus", f"paths.root_dir={tmp_path}", cwd=tmp_path)
     assert out.returncode == 2

@@ -50,6 +50,7 @@ def test_knee_is_where_the_curve_first_falls_below_80_percent_of_the_original():
     assert select_epoch({0: original, 2: low, 4: flat}, reference=98.0)[0] == 4
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
     overrides = ["run=quickstart", "task.data_models.num=3", "task.quickstart.epochs=[2]",
                  "task.pruning.target_speed_ups=[1.5]", "task.quickstart.target_index=100",

@@ -16,6 +16,7 @@ def _compose(name, overrides=()):
         return compose(name, overrides=list(overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, run", [("shard", "generate"), ("slot", "pretrain_final"), ("target", "pruning_final"),
                                        ("epochs", "visualize")])
 def test_named_key_and_index_alias_agree_or_fail(name, run):
@@ -29,6 +30,7 @@ def test_named_key_and_index_alias_agree_or_fail(name, run):
         run_argument(_compose("main", [f"run={run}", f"{name}={value}", "index=5"]), name)
 
 
+@pytest.mark.slow
 def test_pruning_final_slot_accepts_reproduce_index():
     cfg = _compose("main", ["run=pruning_final", "reproduce_index=100"])
     assert run_argument(cfg, "slot", "reproduce_index") == 100
@@ -42,12 +44,14 @@ def test_generate_log_directory_follows_the_shard_in_either_form(overrides, shar
     assert cfg.run_name == f"shard{shard}_seed0"
 
 
+@pytest.mark.slow
 def test_published_name_key_sets_the_run_name():
     assert _compose("main", ["name=Final"]).run_name == "Final"
     assert _compose("main", []).run_name == "resnet20_group_l2_max_seed0"
     assert _compose("main", ["run_name=mine"]).run_name == "mine"
 
 
+@pytest.mark.slow
 def test_the_readme_published_and_named_commands_mean_the_same():
     published = _compose("main", ["task=resnet56_on_CIFAR10", "method=group_l2_norm_max_normalizer", "name=Final",
                                   "run=pruning_final", "reproduce_index=0", "seed=7", "index=2.3", "meta_epoch=28"])
@@ -68,6 +72,7 @@ def _run_main(tmp_path, *args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_lists_every_mode_with_its_arguments_and_writes_nothing(tmp_path):
     from main.run_modes import USAGE, list_run_modes
 
@@ -81,12 +86,14 @@ def test_help_lists_every_mode_with_its_arguments_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no outputs/ folder
 
 
+@pytest.mark.slow
 def test_an_unknown_mode_exits_2_with_the_valid_ones_and_writes_nothing(tmp_path):
     done = _run_main(tmp_path, "run=pruning_finale")
     assert done.returncode == 2 and "Did you mean 'pruning_final'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [((), "run=export needs the model file as path="),
                                           (("path=nowhere/model.pt",), "path=nowhere/model.pt: no such file")])
 def test_export_without_its_file_exits_2_and_writes_nothing(tmp_path, args, message):
@@ -101,12 +108,14 @@ def test_export_without_its_file_exits_2_and_writes_nothing(tmp_path, args, mess
     ("method=group_l9", "Could not find 'method/group_l9'; available: bn_scale"),
     ("seed", "Error parsing override 'seed': an override is key=value"),
 ])
+@pytest.mark.slow
 def test_hydras_own_errors_exit_2_with_one_line_before_any_folder(tmp_path, override, message):
     done = _run_main(tmp_path, "run=pretrain", override)
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_output_root_that_is_a_file_exits_2_with_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -26,6 +26,7 @@ def _job(mode: str, timeout_s: float) -> tuple[subprocess.CompletedProcess, floa
     return proc, time.time() - start
 
 
+@pytest.mark.slow
 def test_a_raising_rank_fails_the_job_at_once_with_its_error():
     # The process-group timeout is 300 s: the job must end long before it, because the error propagates.
     proc, seconds = _job("raise", 300)
@@ -35,6 +36,7 @@ def test_a_raising_rank_fails_the_job_at_once_with_its_error():
     assert seconds < 60
 
 
+@pytest.mark.slow
 def test_a_stuck_rank_fails_the_job_after_the_process_group_timeout():
     proc, seconds = _job("hang", 5)  # rank 1 sleeps 600 s; rank 0 waits 5 s in the barrier, then fails
     assert proc.returncode != 0

@@ -94,6 +94,7 @@ def vit_store(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_missing_imagenet_root_fails_clearly(tmp_path, caplog):
     with pytest.raises(SystemExit) as err:
         run_entry(_cfg(tmp_path, *VIT, "run=pretrain"))
@@ -101,6 +102,7 @@ def test_missing_imagenet_root_fails_clearly(tmp_path, caplog):
     assert f"missing folder(s) {tmp_path / 'datasets' / 'imagenet' / 'train'}" in caplog.text
 
 
+@pytest.mark.slow
 def test_data_models_in_one_process(vit_store):
     store = _one("data_models/*/*/*", vit_store)
     items = DataModelSet(store_files(store))
@@ -108,6 +110,7 @@ def test_data_models_in_one_process(vit_store):
     assert all(r.info["ranks"] == 1 and r.info["speed_up"] >= 1.037 for r in items.records)
 
 
+@pytest.mark.slow
 def test_ddp_pretrain_step_resnet50(tmp_path):
     write_image_folder(tmp_path / "datasets" / "imagenet")
     torchrun(tmp_path, "run=pretrain", "model=resnet50", TINY_RESNET50)
@@ -123,6 +126,7 @@ def test_ddp_pretrain_step_resnet50(tmp_path):
     assert not (ROOT / ".hydra").exists()
 
 
+@pytest.mark.slow
 def test_ddp_data_model_of_a_vit_pruned_by_heads(tmp_path):
     # 1.8x rather than the published 1.037x, which the MLPs alone reach: the token width must shrink too.
     write_image_folder(tmp_path / "datasets" / "imagenet")
@@ -140,6 +144,7 @@ def test_ddp_data_model_of_a_vit_pruned_by_heads(tmp_path):
     assert not list(tmp_path.glob("data_models/*/*/*/work"))  # the slot's work folder is gone once it is stored
 
 
+@pytest.mark.slow
 def test_ddp_meta_training_keeps_replicas_identical(vit_store):
     start = time.time()
     torchrun(vit_store, *VIT, "run=meta_train")
@@ -155,6 +160,7 @@ def test_ddp_meta_training_keeps_replicas_identical(vit_store):
     assert time.time() - start < 120
 
 
+@pytest.mark.slow
 def test_ddp_curves_and_final_pruning_with_the_metanetwork(vit_store):
     if not list(vit_store.glob("outputs/*/meta_train/*/metanetwork/epoch_001.pt")):
         dispatch(_cfg(vit_store, *VIT, "run=meta_train"))
@@ -173,6 +179,7 @@ CIFAR = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_test=16", "da
          "debug=smoke", "debug.max_epochs=2", "progress=false", "threads=1", "task.batch_size=16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,target", [("group_l2_max", 1.6), ("unstructured_l1", 0.6), ("nm_2_4", 0.5),
                                            ("sparse_learning", 1.6)])
 def test_every_scheme_prunes_under_torchrun(tmp_path, method, target):

@@ -110,6 +110,7 @@ def test_registry_lists_every_family() -> None:
     assert list_models() == sorted(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [7, 13])
 @pytest.mark.parametrize("name", SMALL)
 def test_forward_backward(name: str, num_classes: int) -> None:
@@ -125,6 +126,7 @@ def test_forward_backward(name: str, num_classes: int) -> None:
     assert describe_model(model)["num_classes"] == num_classes
 
 
+@pytest.mark.slow
 def test_vit_b_16_builds_and_runs_at_224() -> None:
     model = create_model("vit_b_16", num_classes=7).eval()
     widths = get_widths(model)
@@ -156,6 +158,7 @@ def test_default_widths(name: str, widths: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- describe and rebuild
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_describe_roundtrip_at_default_widths(name: str) -> None:
     model = create_model(name, num_classes=13)
@@ -177,6 +180,7 @@ def test_describe_keeps_kwargs() -> None:
     assert clone(torch.randn(2, 3, 48, 48)).shape == (2, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_reload_after_pruning(name: str) -> None:
     torch.manual_seed(0)
@@ -232,6 +236,7 @@ def test_vit_pruning_keeps_heads_aligned() -> None:
             assert (mha.embed_dim, mha.head_dim, mha.kdim, mha.vdim) == (20, 5, 20, 20)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shrink", ["halve", "irregular"])
 @pytest.mark.parametrize("name", SMALL)
 def test_hand_set_widths(name: str, shrink: str) -> None:
@@ -315,6 +320,7 @@ def test_describe_needs_a_zoo_model() -> None:
         describe_model(tnn.Linear(2, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CNNS)
 def test_widths_from_state_reads_pruned_widths_off_a_bare_state_dict(name: str) -> None:
     torch.manual_seed(0)
@@ -328,6 +334,7 @@ def test_widths_from_state_reads_pruned_widths_off_a_bare_state_dict(name: str) 
         widths_from_state(name, state, num_classes=7)
 
 
+@pytest.mark.slow
 def test_vgg_max_pools_keeps_late_blocks_at_a_larger_map() -> None:
     x = torch.randn(2, 3, 32, 32)
     five, three = create_model("vgg19_bn"), create_model("vgg19_bn", max_pools=3)

@@ -125,6 +125,7 @@ def test_a_hand_made_config_reads_the_same_settings():
         settings(OmegaConf.create({"task": {"meta_train": {"lr": "fast"}}}), "task.meta_train")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["task.meta_train.batches_per_step=0", "benchmark.seeds=[]",
                                       "task.schedules.pretrain.lr=-1", "metanetwork.edit=channel_scale"])
 def test_the_command_line_exits_2_before_any_work(override, tmp_path):

@@ -40,6 +40,7 @@ def test_width_space_channels_and_coupled_resnet_genes():
     assert widths == {"stem": 1, "stages": [1, 2, 3], "blocks": [[4, 5, 6], [7, 8, 9], [10, 11, 12]]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("resnet8", 16), ("resnet20", 16), ("vgg19_bn", 32)])
 def test_every_width_vector_gives_correctly_shaped_weights_and_an_identical_zoo_network(name, size):
     net = _net(name, hidden=2 if name == "vgg19_bn" else 4).eval()
@@ -76,6 +77,7 @@ def test_recalibration_replaces_the_running_statistics_of_the_choices_bns_only()
     assert torch.equal(bn.running_mean, again)
 
 
+@pytest.mark.slow
 def test_a_trained_pruningnet_scores_full_width_above_the_narrowest():
     cfg = {"name": "synthetic", "num_train": 320, "num_test": 32, "image_size": 16, "val_size": 0.25,
            "split_seed": 0, "augment": False, "noise": 0.6}

@@ -45,6 +45,7 @@ def _window(space_and_macs, target=2.0, tolerance=0.1):
     return Window(space, table, table(space.full()), target, tolerance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_search_beats_as_many_random_valid_candidates(space_and_macs, seed):
     window = _window(space_and_macs)
@@ -68,6 +69,7 @@ def test_every_scored_candidate_lies_in_the_window(space_and_macs, tmp_path):
     assert len(speed_ups) == 24 and all(3.0 <= s <= 3.15 for s in speed_ups)
 
 
+@pytest.mark.slow
 def test_an_interrupted_search_resumes_to_the_same_result_without_rescoring(space_and_macs, tmp_path):
     window = _window(space_and_macs)
     settings = SearchSettings(population=10, generations=5, parents=4)

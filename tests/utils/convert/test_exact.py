@@ -55,6 +55,7 @@ def _check_exact(model):
     return graph
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruned", [False, True], ids=["full", "pruned"])
 @pytest.mark.parametrize("name", SMALL)
 def test_round_trip_is_bit_exact_and_complete(name, pruned):
@@ -120,6 +121,7 @@ def test_state_dict_is_differentiable_in_the_features():
     assert graph.edge_features["identity"].grad is None  # shortcuts are structure, not parameters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v2", "vgg11_bn", "resnext50_32x4d", "densenet121"])
 def test_other_torchvision_cnns_convert_without_new_code(name):
     torch.manual_seed(0)

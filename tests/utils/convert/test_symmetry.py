@@ -85,6 +85,7 @@ def _check(model, root, x):
     ("resnet18", "layer2.0.downsample.0"),  # torchvision ResNet residual stream
     ("vit_tiny", "encoder.layers.encoder_layer_0.mlp.0"),  # a ViT MLP's hidden channels
 ])
+@pytest.mark.slow
 def test_group_permutation_permutes_nodes_and_nothing_else(name, root):
     torch.manual_seed(0)
     model = create_model(name, num_classes=5).eval()

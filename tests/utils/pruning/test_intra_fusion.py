@@ -38,6 +38,7 @@ def _bn_tensors(bn):
     return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet8", "vgg19_bn"])
 def test_bn_folding_keeps_logits_and_the_architecture(name, tmp_path):
     model = _trained_like(name)
@@ -134,6 +135,7 @@ def test_per_group_folding_equals_folding_the_whole_network(transport):
         assert torch.allclose(plan.sum(1), torch.full((16,), 1 / 16, dtype=torch.float64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["intra_fusion", "intra_fusion_exact"])
 def test_progressive_intra_fusion_reaches_target_and_reloads(name, tmp_path):
     model = _trained_like("resnet8")

@@ -12,6 +12,7 @@ def _mask(model, name="group_l2_max"):
     return PruneMask(model, build_method(_CONFIGS[name]), torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "vgg19_bn"])
 @pytest.mark.parametrize("target", [1.5, 3.0])
 def test_masking_the_selection_computes_what_pruning_it_computes(name, target):

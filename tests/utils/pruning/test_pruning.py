@@ -49,6 +49,7 @@ def _trained_like(name, num_classes=10):
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "vgg19_bn", "resnet18", "vit_tiny", "mobilenet_v2"])
 def test_fast_mac_counter_equals_torch_pruning_before_and_after_pruning(name):
     torch.manual_seed(0)
@@ -67,6 +68,7 @@ def test_fast_mac_counter_equals_torch_pruning_before_and_after_pruning(name):
     assert counter.params() == count_macs_params(model, x)[1]
 
 
+@pytest.mark.slow
 def test_progressive_pruning_reaches_target_with_at_most_one_step_overshoot(tmp_path):
     model = _trained_like("resnet8")
     x = torch.randn(4, 3, 32, 32)
@@ -84,6 +86,7 @@ def test_progressive_pruning_reaches_target_with_at_most_one_step_overshoot(tmp_
     assert torch.equal(loaded.eval()(x), model(x))
 
 
+@pytest.mark.slow
 def test_speed_up_is_relative_to_the_unpruned_network():
     model = _trained_like("resnet8")
     x = torch.randn(1, 3, 32, 32)
@@ -95,6 +98,7 @@ def test_speed_up_is_relative_to_the_unpruned_network():
     assert progressive_prune(model, 1.5, _method("l1"), x, base_macs=base).steps == 0  # already there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_prunes_a_tiny_model(name):
     model = _trained_like("resnet8")
@@ -134,6 +138,7 @@ def test_group_options_with_a_defaults_list_load_like_hydra_composes_them():
         load_group_option("method", "nope")
 
 
+@pytest.mark.slow
 def test_a_per_layer_cap_keeps_every_layer_where_global_pruning_empties_some():
     """Global group-L2 on a network whose third stage is tiny cuts that stage to a sixth; under
     max_pruning_ratio=0.5 every conv keeps about half of its channels (Torch-Pruning checks the cap before

@@ -95,6 +95,7 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("unstructured")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,target", [("unstructured_l1", 0.6), ("nm_2_4", 0.5)])
 def test_unstructured_methods_run_through_the_run_modes(root, method, target):
     dispatch(_cfg(root, f"method={method}", "num=3", name="generate_dataset"))
