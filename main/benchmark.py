@@ -36,7 +36,9 @@ workers give the cells of one, bit for bit). Small networks use two threads poor
 single-threaded workers finish the cells sooner (measured in the README, "Comparing methods").
 
 Each finished cell (method, speed-up, seed[, grid point]) is saved as ``cells/<method>_x<speed-up>_seed<seed>.json``; a
-re-run skips finished cells. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
+re-run skips finished cells, after checking that each was made from the same inputs (``inputs`` in its file:
+task, method, metanetwork, model, data and optimiser settings); one made under other settings is refused with
+one line, never silently reused. Outputs in the run directory: ``benchmark_cells.csv`` (one row per cell),
 ``benchmark_summary.csv`` and ``benchmark_table.md`` (per target: both columns, with the reached speed-up),
 and ``benchmark_acc_vs_speed_up.png/.pdf`` (a panel per column, a band per method for the interval of its
 mean; ``figures/make_figures.py --benchmark-run`` redraws it from ``benchmark.json``).
@@ -268,18 +270,18 @@ class _Cells:
         return self.dir / (f"{label}_x{target:g}_seed{seed}.json" if not tag else
                            f"{label}_{tag}_x{target:g}_seed{seed}.json")
 
-    def target_network(self, seed: int) -> DictConfig:
-        """The config of ``seed``'s target network, trained on the first call and then found finished."""
+    def target_network(self, seed: int, train: bool = True) -> DictConfig:
+        """The config of ``seed``'s target network, trained on the first call and then found finished (with
+        ``train=False`` only its config)."""
         target_cfg = stage_config(self.cfg, "pretrain_final", slot=self.slot, seed=seed, method=self.reference)
-        dispatch(target_cfg)
+        if train:
+            dispatch(target_cfg)
         return target_cfg
 
     def get(self, label: str, spec: Dict[str, Any], target: float, seed: int,
             point: Dict[str, Any] | None = None) -> Dict[str, Any]:
         tag, path = grid_tag(point or {}), self.path(label, target, seed, point)
-        if path.exists():
-            return read_json(path)
-        target_cfg = self.target_network(seed)
+        target_cfg = self.target_network(seed, train=False)
         values: Dict[str, Any] = dict(target=target, seed=seed, slot=self.slot, method=spec["method"],
                                       final_targets_dir=str(target_cfg.final_targets_dir), **(point or {}))
         variant = grid_tag(metanetwork_variant(spec))
@@ -292,15 +294,34 @@ class _Cells:
                           **{f"metanetwork.{k}": v for k, v in meta["variant"].items()})
         else:
             values["metanetwork"] = "none"
+        stage = stage_config(self.cfg, "pruning_final", **values)
+        inputs = cell_inputs(stage)
+        if path.exists():  # a finished cell counts only if it was made from the same inputs
+            row = read_json(path)
+            if row.get("inputs") != inputs:
+                raise ConfigError(f"{path} was computed under other settings than this run's; use another output "
+                                  "root (GMP_ROOT or paths.root_dir), or delete that cells folder to recompute it")
+            return row
+        self.target_network(seed)
         t = time.time()
-        m = dispatch(stage_config(self.cfg, "pruning_final", **values))
-        row = {"method": label, "target_speed_up": target, "seed": seed, "grid": point or {}, "speed_up": m["speed_up"],
+        m = dispatch(stage)
+        row = {"inputs": inputs, "method": label, "target_speed_up": target, "seed": seed, "grid": point or {}, "speed_up": m["speed_up"],
                "val_acc": m["val_acc"], "test_acc": m["test_acc"], "base_test_acc": m.get("base_test_acc"),
                "pruned_val_acc": m.get("pruned_val_acc"), "pruned_test_acc": m.get("pruned_test_acc"),
                "macs": m["macs"], "params": m["params"], "latency_ms": m["latency"]["pruned"]["latency_ms"],
                "base_latency_ms": m["latency"]["base"]["latency_ms"], "seconds": round(time.time() - t, 1)}
         atomic_write_json(row, path)
         return row
+
+
+def cell_inputs(stage: DictConfig) -> Dict[str, Any]:
+    """What a cell's result depends on: the task (schedules, meta-training, pruning), method, metanetwork,
+    model, data set (its location left out) and optimiser settings, and the cell's own run arguments."""
+    plain = OmegaConf.to_container(stage, resolve=True)
+    data = {k: v for k, v in plain["dataset"].items() if k not in ("root", "system_dir", "download")}
+    return {"task": plain["task"], "method": plain["method"], "metanetwork": plain["metanetwork"],
+            "model": plain["model"], "dataset": data, "optim": plain["optim"],
+            **{k: plain.get(k) for k in ("target", "seed", "slot", "meta_epoch")}}
 
 
 def _worker_job(cfg: DictConfig, cells_dir: str, meta: Dict[str, Dict[str, Any]], job: tuple) -> Any:
@@ -407,7 +428,7 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
         table += "\nChosen on the validation accuracy of seed " + f"{tune_seed}'s cells: " + "; ".join(
             f"{r['method']} {grid_tag(r['chosen'])} at {r['target_speed_up']:g}x" for r in tuning) + ".\n"
     timings["total_s"] = round(time.time() - t0, 1)
-    write_csv(rows, ctx.run_dir / "benchmark_cells.csv")
+    write_csv([{k: v for k, v in r.items() if k != "inputs"} for r in rows], ctx.run_dir / "benchmark_cells.csv")
     write_csv(summary, ctx.run_dir / "benchmark_summary.csv")
     atomic_write_text(table, ctx.run_dir / "benchmark_table.md")
     result = {"table": table, "summary": summary, "cells": rows, "tuning": tuning, "timings": timings,

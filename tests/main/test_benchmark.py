@@ -1,4 +1,5 @@
 """run=benchmark on tiny data: one cell per (method, speed-up, seed), a table with every cell, resumable."""
+import json
 import math
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def test_benchmark_fills_every_cell_and_a_rerun_skips_them(tmp_path, monkeypatch
     calls.clear()
     again = bm.benchmark(_bench_cfg(tmp_path, METHODS))
     assert "pruning_final" not in calls and again["cells"] == result["cells"]
+    # a finished cell made under other settings is refused, never reused (here: another fine-tuning lr)
+    cell = next((Path(cfg.run_dir) / "cells").glob("random_*.json"))
+    row = json.loads(cell.read_text())
+    row["inputs"]["task"]["schedules"]["finetune_after_pruning"]["lr"] = 0.5
+    cell.write_text(json.dumps(row))
+    with pytest.raises(ConfigError, match=f"{cell.name} was computed under other settings"):
+        bm.benchmark(_bench_cfg(tmp_path, METHODS))
 
 
 @pytest.mark.slow
