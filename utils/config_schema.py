@@ -30,11 +30,16 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, with the override that fixes it in the message."""
 
 
+def _nested(f: dataclasses.Field) -> Type[Any] | None:
+    """The schema of a field that is itself a section of settings (e.g. ``prune_aware``), else None."""
+    sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return type(sub) if dataclasses.is_dataclass(sub) else None
+
+
 def _schema_rules(schema: Type[Any], prefix: str) -> Iterator[Tuple[str, Rule]]:
     for f in dataclasses.fields(schema):
-        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(sub):
-            yield from _schema_rules(type(sub), f"{prefix}.{f.name}")
+        if _nested(f) is not None:
+            yield from _schema_rules(_nested(f), f"{prefix}.{f.name}")
         elif f.metadata.get("rule") is not None:
             yield f"{prefix}.{f.name}", f.metadata["rule"]
 
@@ -101,9 +106,8 @@ def _unknown_keys(schema: Type[Any], values: Dict[str, Any], prefix: str) -> Ite
         if key not in fields:
             yield f"{prefix}.{key}", difflib.get_close_matches(str(key), list(fields), n=2)
             continue
-        sub = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            yield from _unknown_keys(type(sub), value, f"{prefix}.{key}")
+        if _nested(fields[key]) is not None and isinstance(value, dict):
+            yield from _unknown_keys(_nested(fields[key]), value, f"{prefix}.{key}")
 
 
 def typed_settings(values: Any, schema: Type[Any], section: str) -> Any:

@@ -73,9 +73,11 @@ def group_regularizer(pruner: tp.pruner.BasePruner, **kwargs: Any) -> Callable[[
     importances; a group cut down to one channel has ``max == min``, so the scale is 0/0 and every gradient
     of the step NaN (a lightly pruned target network with a one-channel layer: the loss became NaN after the
     first fine-tuning step). Such a group cannot shrink further anyway, so it is left out."""
+    groups = pruner._groups
+    shrinkable = [g for g in groups if len(g[0].idxs) > 1]  # once: the pruner is never stepped, its groups stay
+
     def regularize(model: torch.nn.Module) -> None:
-        groups = pruner._groups
-        pruner._groups = [g for g in groups if len(g[0].idxs) > 1]
+        pruner._groups = shrinkable
         try:
             pruner.regularize(model, **kwargs)
         finally:
