@@ -45,6 +45,7 @@ NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, "a number >= 0", "0.0005
 AT_LEAST_1 = Rule(lambda v: _is_number(v) and v >= 1, "a number >= 1", "16")
 SPEED_UP = Rule(lambda v: _is_number(v) and v > 1, "a speed-up > 1", "2.0")
 FRACTION = Rule(lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)", "0.5")
+FRACTION_OR_0 = Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (0: off)", "0.9")
 SEED = Rule(_is_int, "an integer", "0")
 MILESTONES = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)
                   and list(v) == sorted(v), "a list of increasing integers >= 0 (may be empty)", "[6, 9]")
@@ -118,6 +119,9 @@ class MetaTrainSettings:
     batches_per_step: int = setting(4, "batches whose dL/dW is accumulated per data-model step", INT_AT_LEAST_1)
     max_bad_steps: int = setting(5, "non-finite steps in a row before meta-training stops with an error", INT_AT_LEAST_1)
     prune_aware: PruneAwareSettings = setting(PruneAwareSettings(), "the prune-aware term (off by default)")
+    accuracy_floor: float = setting(0.0, "a fraction of the original's no-fine-tune validation accuracy: "
+                                    "meta-training stops after the first epoch whose output network falls below "
+                                    "it, and only epochs at or above it are selected; 0: off (published)", FRACTION_OR_0)
 
 
 @dataclass

@@ -61,6 +61,7 @@ from scipy.stats import t as student_t
 from tqdm import tqdm
 
 from data_loaders import build_datasets
+from main.meta_train import floor_candidates
 from main.quickstart import selected_epoch, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from utils.config_schema import settings
@@ -78,11 +79,26 @@ def _candidate_epochs(cfg: DictConfig) -> List[int]:
     return sorted({0, *(max(1, round(total * q / 4)) for q in (1, 2, 3, 4))})
 
 
+# The sections of a method entry that change its metanetwork (and so give it a meta-training of its own), and
+# the config node each one sets.
+VARIANT_SECTIONS = {"metanetwork": "metanetwork", "meta_train": "task.meta_train", "visualize": "task.visualize"}
+
+
 def metanetwork_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """The ``metanetwork`` keys a method entry overrides: ``metanetwork: true`` is the task's metanetwork ({}),
-    a mapping (``{layer: multiplicative, edit: additive}``) that metanetwork with those keys changed."""
-    value = spec.get("metanetwork")
-    return dict(value) if isinstance(value, dict) else {}
+    """The dotted keys a method entry changes in its metanetwork's making: ``metanetwork: true`` is the task's
+    metanetwork ({}); a mapping (``{layer: multiplicative}``) changes those metanetwork keys, and the mappings
+    ``meta_train`` and ``visualize`` change ``task.meta_train`` and ``task.visualize`` keys (how it is
+    meta-trained and how its epoch is selected)."""
+    def flat(node: str, value: Any) -> Dict[str, Any]:  # {prune_aware: {weight: 1}} -> prune_aware.weight: 1
+        if not isinstance(value, dict):
+            return {node: value}
+        return {k: v for key, sub in value.items() for k, v in flat(f"{node}.{key}", sub).items()}
+
+    out: Dict[str, Any] = {}
+    for section, node in VARIANT_SECTIONS.items():
+        if isinstance(spec.get(section), dict):
+            out.update(flat(node, spec[section]))
+    return out
 
 
 def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, Any]) -> Dict[str, Any]:
@@ -90,18 +106,21 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, 
     data models are the same for every variant (their store does not depend on the metanetwork)."""
     bench = settings(cfg, "benchmark")
     ref = dict(method=bench.reference_method, seed=bench.meta_seed)
-    keys = {f"metanetwork.{k}": v for k, v in variant.items()}
+    keys = dict(variant)
     if variant:  # a meta-training run of its own
         keys["run_name"] = f"{stage_config(cfg, 'meta_train', **ref).run_name}_{grid_tag(variant)}"
     t = time.time()
     dispatch(stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num), **ref))
-    dispatch(stage_config(cfg, "meta_train", **ref, **keys))
+    trained = dispatch(stage_config(cfg, "meta_train", **ref, **keys))
     meta_dir = str(stage_config(cfg, "meta_train", **ref, **keys).meta_train_dir)
     if cfg.get("meta_epoch") is not None:
         epoch, scores = int(cfg.meta_epoch), {}
     else:
-        vis = dispatch(stage_config(cfg, "visualize", epochs=_candidate_epochs(cfg), **ref, **keys))
-        epoch, scores = selected_epoch(cfg, vis)
+        vis_cfg = stage_config(cfg, "visualize", **ref, **keys)
+        floor = settings(vis_cfg, "task.meta_train").accuracy_floor
+        vis = dispatch(stage_config(vis_cfg, "visualize", epochs=floor_candidates(_candidate_epochs(cfg),
+                                                                                    trained["val"], floor)))
+        epoch, scores = selected_epoch(vis_cfg, vis)
     timings["metanetwork_s"] = round(timings.get("metanetwork_s", 0.0) + time.time() - t, 1)
     log.info("benchmark: metanetwork %s epoch %d from %s", grid_tag(variant) or "(task's)", epoch, meta_dir)
     return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir, "variant": variant}
@@ -251,6 +270,8 @@ def grid_points(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
 def grid_tag(point: Dict[str, Any]) -> str:
     """``{"method.reg": 0.05}`` -> ``reg0.05``: names the cell files and run directories of a grid point."""
     def text(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return "-".join(map(text, value))
         return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
     return "_".join(f"{key.split('.')[-1]}{text(value)}" for key, value in point.items())
@@ -291,7 +312,7 @@ class _Cells:
         if spec.get("metanetwork"):
             meta = self.meta[grid_tag(metanetwork_variant(spec))]
             values.update(meta_epoch=meta["epoch"], meta_train_dir=meta["meta_train_dir"],
-                          **{f"metanetwork.{k}": v for k, v in meta["variant"].items()})
+                          **meta["variant"])
         else:
             values["metanetwork"] = "none"
         stage = stage_config(self.cfg, "pruning_final", **values)
@@ -314,12 +335,20 @@ class _Cells:
         return row
 
 
+# The task sections that only the metanetwork's making reads (data models, meta-training, epoch selection).
+METANETWORK_ONLY = ("data_models", "meta_train", "visualize", "quickstart")
+
+
 def cell_inputs(stage: DictConfig) -> Dict[str, Any]:
     """What a cell's result depends on: the task (schedules, meta-training, pruning), method, metanetwork,
     model, data set (its location left out) and optimiser settings, and the cell's own run arguments."""
     plain = OmegaConf.to_container(stage, resolve=True)
     data = {k: v for k, v in plain["dataset"].items() if k not in ("root", "system_dir", "download")}
-    return {"task": plain["task"], "method": plain["method"], "metanetwork": plain["metanetwork"],
+    # a cell without a metanetwork does not depend on how one is made, so a new meta-training setting (or
+    # a metanetwork variant's) leaves the baselines' finished cells valid
+    skip = ("benchmark_workers",) + (METANETWORK_ONLY if plain["metanetwork"].get("name") == "none" else ())
+    task = {k: v for k, v in plain["task"].items() if k not in skip}
+    return {"task": task, "method": plain["method"], "metanetwork": plain["metanetwork"],
             "model": plain["model"], "dataset": data, "optim": plain["optim"],
             **{k: plain.get(k) for k in ("target", "seed", "slot", "meta_epoch")}}
 

@@ -383,6 +383,11 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0, **at_targets))
     max_bad, bad, name = mt.max_bad_steps, 0, mt.optimizer
     for epoch in range(start, epochs):
+        if val_rows[-1]["epoch"] not in floor_epochs(val_rows, mt.accuracy_floor):  # also after a resume
+            log.info("meta_train: stopped after epoch %d: its output network's val acc %.2f is below "
+                     "task.meta_train.accuracy_floor=%g of the original's %.2f", epoch, val_rows[-1]["val_acc"],
+                     mt.accuracy_floor, val_rows[0]["val_acc"])
+            break
         order = list(range(len(train_set)))
         random.Random(seed * 7919 + epoch).shuffle(order)  # the same order on every rank
         torch.manual_seed(seed * 7919 + epoch + 7919 * rank)
@@ -433,13 +438,38 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
         log.info("meta epoch %d/%d: task loss %.4f, sparsity %.4f; val acc (no fine-tuning) %.2f", epoch + 1, epochs,
                  sum(row["task_loss"] for row in this) / len(this), sum(row["sparsity"] for row in this) / len(this),
                  val_rows[-1]["val_acc"])
-    summary = {"epochs": epochs, "meta_train_dir": str(meta_dir), "val": val_rows, "ranks": world,
+    summary = {"epochs": epochs, "trained_epochs": val_rows[-1]["epoch"], "meta_train_dir": str(meta_dir), "val": val_rows, "ranks": world,
                "replica_checksums": du.replica_checksums(metanet)}  # one per rank, equal when in step
     if len(set(summary["replica_checksums"])) != 1:
         raise RuntimeError(f"the metanetwork replicas differ across ranks: {summary['replica_checksums']}")
     atomic_write_json(summary, meta_dir / "meta_summary.json")
     du.barrier()
     return summary
+
+
+def floor_epochs(val_rows: Sequence[Dict[str, Any]], floor: float) -> List[int]:
+    """The epochs (0: no metanetwork) whose output network keeps at least ``floor`` times the original's
+    no-fine-tune validation accuracy (``val_rows``: ``meta_val.csv``'s rows, epoch 0 first)."""
+    original = next(r["val_acc"] for r in val_rows if r["epoch"] == 0)
+    return [int(r["epoch"]) for r in val_rows if r["val_acc"] >= floor * original]
+
+
+def floor_candidates(candidates: Sequence[int], val_rows: Sequence[Dict[str, Any]], floor: float) -> List[int]:
+    """The candidate epochs to select from under ``task.meta_train.accuracy_floor``: the requested ones that
+    were trained and keep the floor, plus the last epoch that keeps it (meta-training may have stopped early).
+    When no epoch > 0 keeps it, the most accurate trained epoch stands in, so a selection still happens."""
+    if floor <= 0:  # off: the candidates as requested
+        return sorted({0, *candidates})
+    trained = {int(r["epoch"]) for r in val_rows}
+    keep = [e for e in floor_epochs(val_rows, floor) if e > 0]
+    if not keep:
+        best = max((r for r in val_rows if r["epoch"] > 0), key=lambda r: r["val_acc"])
+        log.warning("no meta-epoch keeps task.meta_train.accuracy_floor=%g of the original's val acc %.2f; the most "
+                    "accurate one (epoch %d, %.2f) stands in", floor, val_rows[0]["val_acc"], best["epoch"],
+                    best["val_acc"])
+        keep = [int(best["epoch"])]
+    chosen = {e for e in candidates if e in trained and (e == 0 or e in keep)} | {max(keep)}
+    return sorted({0} | chosen)
 
 
 def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: torch.Tensor,

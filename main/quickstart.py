@@ -30,6 +30,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from configs import load_group_option
+from main.meta_train import floor_candidates
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from main.visualize import knees
 from utils.config_schema import settings
@@ -165,8 +166,9 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
         return out
 
     timed("generate", stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num)))
-    timed("meta_train", stage_config(cfg, "meta_train"))
-    epochs = sorted({0, *map(int, qs.epochs)})
+    trained = timed("meta_train", stage_config(cfg, "meta_train"))
+    epochs = floor_candidates(sorted({0, *map(int, qs.epochs)}), trained["val"],
+                              settings(cfg, "task.meta_train").accuracy_floor)
     vis = timed("visualize", stage_config(cfg, "visualize", epochs=epochs))
     epoch, scores = selected_epoch(cfg, vis)
     knee_of, at_target = vis["knees"], vis.get("target_val_acc") or {}
