@@ -183,3 +183,28 @@ def test_a_metanetwork_variant_meta_trains_on_its_own_and_prunes_with_its_settin
     finals = [c for c in seen if c.run == "pruning_final"]
     assert finals and all(c.metanetwork.edit == "additive" and c.meta_train_dir == meta.meta_train_dir for c in finals)
     assert set(result["metanetwork_epochs"]) == {"editadditive_magnitude_featuresFalse"}
+
+
+def test_a_variant_names_its_meta_training_and_selection_keys():
+    spec = {"method": "sparse_learning", "metanetwork": {"edit": "additive"},
+            "meta_train": {"lr": 1e-4, "prune_aware": {"weight": 1.0, "targets": [3.0, 4.0]}},
+            "visualize": {"select_by": "target"}}
+    variant = bm.metanetwork_variant(spec)
+    assert variant == {"metanetwork.edit": "additive", "task.meta_train.lr": 1e-4,
+                       "task.meta_train.prune_aware.weight": 1.0, "task.meta_train.prune_aware.targets": [3.0, 4.0],
+                       "task.visualize.select_by": "target"}
+    assert bm.grid_tag(variant) == "editadditive_lr0.0001_weight1_targets3-4_select_bytarget"
+    assert bm.metanetwork_variant({"method": "group_l2_max", "metanetwork": True}) == {}
+
+
+def test_a_baseline_cell_does_not_depend_on_how_the_metanetwork_is_made(tmp_path):
+    cfg = _cfg(tmp_path, "run=benchmark")
+    other = _cfg(tmp_path, "run=benchmark", "task.meta_train.lr=0.5", "task.visualize.select_by=target")
+
+    def inputs(c, **values):
+        return bm.cell_inputs(bm.stage_config(c, "pruning_final", target=1.5, seed=0, slot=100, **values))
+
+    assert inputs(cfg, metanetwork="none") == inputs(other, metanetwork="none")
+    assert inputs(cfg, meta_epoch=2) != inputs(other, meta_epoch=2)  # the metanetwork's cells do
+    schedule = _cfg(tmp_path, "run=benchmark", "task.schedules.finetune_after_pruning.epochs=3")
+    assert inputs(cfg, metanetwork="none") != inputs(schedule, metanetwork="none")

@@ -197,3 +197,31 @@ def test_another_methods_data_models_are_read_only_when_named(store):
     torch.testing.assert_close(theirs[0].graph.node_features, ours[0].graph.node_features, rtol=0, atol=0)
     with pytest.raises(mt.ConfigError, match="drop it and set method=group_l2_max"):
         dispatch(_cfg(store, "method=random", "data_models_method=group_l2_max", "num=1", name="generate_dataset"))
+
+
+def test_the_accuracy_floor_keeps_epochs_near_the_originals_accuracy():
+    rows = [{"epoch": 0, "val_acc": 90.0}, {"epoch": 1, "val_acc": 85.0}, {"epoch": 2, "val_acc": 82.0},
+            {"epoch": 3, "val_acc": 80.0}]
+    assert mt.floor_epochs(rows, 0.9) == [0, 1, 2]  # 0.9 * 90 = 81
+    assert mt.floor_epochs(rows, 0.0) == [0, 1, 2, 3]
+    # requested 2 and 4: 4 was never trained, and the last epoch above the floor (2) is always a candidate
+    assert mt.floor_candidates([2, 4], rows, 0.9) == [0, 2]
+    assert mt.floor_candidates([3], rows, 0.9) == [0, 2]
+    assert mt.floor_candidates([3, 4], rows, 0.0) == [0, 3, 4]  # off: the candidates as requested
+    # no epoch keeps the floor: the most accurate one stands in
+    assert mt.floor_candidates([3], rows, 0.99) == [0, 1]
+
+
+def test_meta_training_stops_below_the_accuracy_floor_and_stays_stopped(store, monkeypatch):
+    accs = {0: 50.0, 1: 40.0, 2: 45.0}  # epoch 1 keeps 80% of the original: below a floor of 0.9
+    monkeypatch.setattr(mt, "validate", lambda ctx, metanet, val_set, loaders, example, epoch, **kw:
+                        {"epoch": epoch, "val_acc": accs[epoch], "small_group_fraction": 0.0})
+    cfg = _cfg(store, "run=meta_train", "run_name=floor", "task.meta_train.accuracy_floor=0.9")
+    summary = dispatch(cfg)
+    meta_dir = Path(cfg.meta_train_dir)
+    assert summary["trained_epochs"] == 1 and [r["epoch"] for r in summary["val"]] == [0, 1]
+    assert sorted(p.name for p in (meta_dir / "metanetwork").glob("*.pt")) == ["epoch_001.pt"]
+    assert dispatch(cfg)["trained_epochs"] == 1  # a re-run resumes and does not train past the floor
+    assert not (meta_dir / "metanetwork" / "epoch_002.pt").exists()
+    with pytest.raises(mt.ConfigError, match="accuracy_floor"):
+        dispatch(_cfg(store, "run=meta_train", "run_name=floor", "task.meta_train.accuracy_floor=1.5"))
