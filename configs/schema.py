@@ -100,6 +100,9 @@ class PruneAwareSettings:
     weight: float = setting(0.0, "0: off (the published objective); > 0: the term is added with this weight", NON_NEGATIVE)
     targets: List[float] = setting([], "speed-ups to prune to, one drawn per step (needed when weight > 0)",
                                    SPEED_UPS_OR_NONE)
+    batch_norm: str = setting("stored", "stored: the pruned network's BatchNorms keep the original's running "
+                              "statistics; batch: they use each batch's own (the statistics a fine-tune would "
+                              "re-estimate, adaptive BN)", _one_of("batch", "stored"))
 
 
 @dataclass
@@ -132,7 +135,9 @@ class VisualizeSettings:
     max_sparsity: float = setting(0.9, "unstructured methods: curves end at this sparsity", FRACTION)
     eval_every: int = setting(2, "evaluate the accuracy every k pruning steps", INT_AT_LEAST_1)
     select_by: str = setting("knee", "knee (of the no-fine-tune curve) | target (val acc once pruned to "
-                             "select_target and fine-tuned)", _one_of("target", "knee"))
+                             "select_target and fine-tuned) | adaptive_bn (val acc pruned one-shot to the "
+                             "task's targets with re-estimated BatchNorm statistics, measured in meta-training)",
+                             _one_of("target", "adaptive_bn", "knee"))
     select_target: Optional[float] = setting(None, "a speed-up: also prune each epoch's network to it and fine-tune")
     data_model: int = setting(0, "which validation data model the curves are drawn for", INT_AT_LEAST_0)
 

@@ -61,8 +61,7 @@ from scipy.stats import t as student_t
 from tqdm import tqdm
 
 from data_loaders import build_datasets
-from main.meta_train import floor_candidates
-from main.quickstart import selected_epoch, stage_config
+from main.quickstart import selected_epoch, selection_candidates, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from utils.config_schema import settings
 from utils.io import atomic_write_json, atomic_write_text, read_json, write_csv
@@ -117,10 +116,9 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, 
         epoch, scores = int(cfg.meta_epoch), {}
     else:
         vis_cfg = stage_config(cfg, "visualize", **ref, **keys)
-        floor = settings(vis_cfg, "task.meta_train").accuracy_floor
-        vis = dispatch(stage_config(vis_cfg, "visualize", epochs=floor_candidates(_candidate_epochs(cfg),
-                                                                                    trained["val"], floor)))
-        epoch, scores = selected_epoch(vis_cfg, vis)
+        epochs = selection_candidates(vis_cfg, _candidate_epochs(cfg), trained["val"])
+        vis = dispatch(stage_config(vis_cfg, "visualize", epochs=epochs))
+        epoch, scores = selected_epoch(vis_cfg, vis, trained["val"])
     timings["metanetwork_s"] = round(timings.get("metanetwork_s", 0.0) + time.time() - t, 1)
     log.info("benchmark: metanetwork %s epoch %d from %s", grid_tag(variant) or "(task's)", epoch, meta_dir)
     return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir, "variant": variant}

@@ -48,7 +48,7 @@ from utils.io import atomic_save, atomic_write_json, write_csv
 from utils.pruning.prune_mask import PruneMask
 from utils.pruning.schemes import scheme_for
 from utils.pruning.selectivity import selectivity, weight_norm_sq
-from utils.train import evaluate
+from utils.train import batch_statistics, evaluate, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def prune_aware_settings(cfg: DictConfig) -> Optional[Dict[str, Any]]:
                           "prune-aware term, e.g. task.meta_train.prune_aware.targets=[3.0]")
     if scheme_for(cfg.method).axis != "speed_up":
         raise ConfigError(f"task.meta_train.prune_aware is for channel pruning; method={cfg.method.name} is unstructured")
-    return {"weight": pa.weight, "targets": targets}
+    return {"weight": pa.weight, "targets": targets, "batch_norm": pa.batch_norm}
 
 
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
@@ -216,10 +216,11 @@ class MetaTrainer:
                 p.mul_(m)
         w.model.zero_grad(set_to_none=False)
         loss_sum = 0.0
-        for x, y in step_batches:
-            loss = F.cross_entropy(w.model(x), y)
-            loss.backward()
-            loss_sum += loss.item()
+        with batch_statistics(w.model) if pa["batch_norm"] == "batch" else contextlib.nullcontext():
+            for x, y in step_batches:
+                loss = F.cross_entropy(w.model(x), y)
+                loss.backward()
+                loss_sum += loss.item()
         with torch.no_grad():
             for n, p in w.model.named_parameters():
                 g = p.grad
@@ -326,6 +327,22 @@ def penalty_descent(model: torch.nn.Module, regularize: Callable[[torch.nn.Modul
     return {"steps": steps, "norm_sq_start": start, "norm_sq_end": weight_norm_sq(model)}
 
 
+RECALIBRATION_BATCHES = 8  # training batches that re-estimate a pruned network's BatchNorm statistics
+
+
+def recalibration_images(cfg: DictConfig, splits, device: torch.device) -> List[torch.Tensor]:
+    """A fixed draw of training batches (the same every epoch and run) for :func:`validate`'s adaptive BN."""
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=settings(cfg, "task.meta_train").batch_size,
+                                         shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    layout = torch.channels_last if bool(cfg.channels_last) else torch.contiguous_format
+    images = []
+    for x, _ in loader:
+        images.append(x.to(device, memory_format=layout))
+        if len(images) == RECALIBRATION_BATCHES:
+            break
+    return images
+
+
 def _batches(loader) -> Iterator:
     while True:
         yield from loader
@@ -378,7 +395,15 @@ def meta_train(cfg: DictConfig) -> Dict[str, Any]:
     optimizer, scheduler, epochs, start, rows, val_rows = (state.optimizer, state.scheduler, state.epochs,
                                                            state.start, state.rows, state.val_rows)
     pa = trainer.prune_aware
-    at_targets = {"method": trainer.scheme.method, "targets": sorted(pa["targets"])} if pa else {}
+    # the output network pruned one-shot to the prune-aware term's targets (or, to select by it, the task's)
+    targets = pa["targets"] if pa else []
+    if not targets and settings(cfg, "task.visualize").select_by == "adaptive_bn":
+        if trainer.scheme.axis != "speed_up":
+            raise ConfigError("task.visualize.select_by=adaptive_bn is for channel pruning; "
+                              f"method={cfg.method.name} is unstructured")
+        targets = [float(t) for t in cfg.task.pruning.target_speed_ups]
+    at_targets = {"method": trainer.scheme.method, "targets": sorted(targets),
+                  "recalibration": recalibration_images(cfg, splits, ctx.device)} if targets else {}
     if start == 0:
         val_rows.append(validate(ctx, None, val_set, loaders, example, epoch=0, **at_targets))
     max_bad, bad, name = mt.max_bad_steps, 0, mt.optimizer
@@ -472,13 +497,28 @@ def floor_candidates(candidates: Sequence[int], val_rows: Sequence[Dict[str, Any
     return sorted({0} | chosen)
 
 
+def adaptive_bn_scores(val_rows: Sequence[Dict[str, Any]]) -> Dict[int, float]:
+    """Per epoch, the mean over the validation targets of ``val_acc_at_<t>x_adaptive_bn`` (:func:`validate`):
+    the output network pruned one-shot to each target, BatchNorm statistics re-estimated, no fine-tune."""
+    out = {}
+    for r in val_rows:
+        accs = [v for k, v in r.items() if k.startswith("val_acc_at_") and k.endswith("x_adaptive_bn")
+                and v is not None and v == v]  # a CSV round trip leaves NaN where a column is missing
+        if accs:
+            out[int(r["epoch"])] = sum(accs) / len(accs)
+    return out
+
+
 def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: torch.Tensor,
-             epoch: int, method=None, targets: Sequence[float] = ()) -> Dict[str, Any]:
+             epoch: int, method=None, targets: Sequence[float] = (),
+             recalibration: Sequence[torch.Tensor] = ()) -> Dict[str, Any]:
     """Cheap per-epoch figures on the validation data models: accuracy of the output network without any
     fine-tuning, how selectively its channels are sized (:mod:`utils.pruning.selectivity`: the share of
     channels below 10% of their group's largest norm, the within-group min/max norm ratio) and ||W||^2.
     With ``targets`` (the prune-aware term's) also ``val_acc_at_<t>x``: the output network with the channels
-    that ``method`` removes at ``t`` zeroed (:class:`PruneMask`), without fine-tuning."""
+    that ``method`` removes at ``t`` zeroed (:class:`PruneMask`), without fine-tuning, and with
+    ``recalibration`` (batches of training images) also ``val_acc_at_<t>x_adaptive_bn``: that network once its
+    BatchNorm statistics are re-estimated on them, the cheap proxy of what a fine-tune recovers."""
     accs, sel = [], []
     for item in val_set:
         with torch.no_grad():
@@ -494,6 +534,11 @@ def validate(ctx: RunContext, metanet, val_set: DataModelSet, loaders, example: 
                     for p, m in mask.weight_masks(mask.select(t, float(item.info["base_macs"]))).items():
                         p.mul_(m)  # the next, larger target starts from these removals, as progressive pruning would
                 sel[-1][f"val_acc_at_{t:g}x"] = evaluate(model, loaders["val"], ctx.device, ctx.limits.eval_batches)["acc"]
+                if recalibration:  # and once its BatchNorms are re-estimated on training images (adaptive BN)
+                    adapted = copy.deepcopy(model)
+                    recalibrate_batchnorm(adapted, recalibration)
+                    sel[-1][f"val_acc_at_{t:g}x_adaptive_bn"] = evaluate(adapted, loaders["val"], ctx.device,
+                                                                         ctx.limits.eval_batches)["acc"]
     mean = {k: sum(d[k] for d in sel) / len(sel) for k in sel[0]}
     return {"epoch": epoch, "val_acc": sum(accs) / len(accs), **mean}
 

@@ -30,7 +30,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from configs import load_group_option
-from main.meta_train import floor_candidates
+from main.meta_train import adaptive_bn_scores, floor_candidates, floor_epochs
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from main.visualize import knees
 from utils.config_schema import settings
@@ -79,7 +79,9 @@ def select_epoch(curves: Dict[int, List[Dict[str, float]]], reference: float | N
     it, against the start of the epoch-0 curve), ties broken by the :func:`curve_score` over the range all
     curves cover (the score returned). ``by="target"``: the epoch whose validation data model, pruned to
     ``task.visualize.select_target`` and fine-tuned, is most accurate on validation (``target_acc``, the
-    score returned), ties broken by the knee.
+    score returned), ties broken by the knee. ``by="adaptive_bn"``: likewise with ``target_acc`` the mean
+    validation accuracy of the output network pruned one-shot to the task's targets with its BatchNorm
+    statistics re-estimated (:func:`main.meta_train.adaptive_bn_scores`, measured during meta-training).
 
     (Mean accuracy alone can prefer a flat curve that starts low: a metanetwork whose output network did not
     recover in the after-metanetwork fine-tune, at 47% from the first pruning step, beat a curve that held 95%
@@ -94,19 +96,38 @@ def select_epoch(curves: Dict[int, List[Dict[str, float]]], reference: float | N
         raise ValueError("task.quickstart.epochs needs at least one metanetwork epoch > 0")
     if by == "knee":
         return max(candidates, key=lambda e: (round(knee_of[e], 6), scores[e])), scores
-    if by != "target":
-        raise ConfigError(f"task.visualize.select_by={by!r}: choose knee or target")
+    if by not in ("target", "adaptive_bn"):
+        raise ConfigError(f"task.visualize.select_by={by!r}: choose knee, target or adaptive_bn")
     target_acc = {int(e): float(a) for e, a in (target_acc or {}).items()}
+    if by == "adaptive_bn" and any(e not in target_acc for e in candidates):
+        raise ConfigError("task.visualize.select_by=adaptive_bn needs meta-training's adaptive-BN figures "
+                          "(meta_val.csv's val_acc_at_<t>x_adaptive_bn) for every candidate epoch")
     if any(e not in target_acc for e in candidates):
         raise ConfigError("task.visualize.select_by=target needs task.visualize.select_target (a speed-up), so "
                           "that run=visualize prunes and fine-tunes each epoch's network to it")
     return max(candidates, key=lambda e: (round(target_acc[e], 6), round(knee_of[e], 6))), target_acc
 
 
-def selected_epoch(cfg: DictConfig, vis: Dict[str, Any]) -> tuple[int, Dict[int, float]]:
-    """:func:`select_epoch` on the result of ``run=visualize``, by ``task.visualize.select_by``."""
-    return select_epoch(vis["curves"], vis.get("reference_val_acc"), vis.get("target_val_acc"),
-                        settings(cfg, "task.visualize").select_by)
+def selected_epoch(cfg: DictConfig, vis: Dict[str, Any], val_rows=()) -> tuple[int, Dict[int, float]]:
+    """:func:`select_epoch` on the result of ``run=visualize``, by ``task.visualize.select_by`` (``adaptive_bn``
+    reads meta-training's validation rows ``val_rows``)."""
+    by = settings(cfg, "task.visualize").select_by
+    scores = adaptive_bn_scores(val_rows) if by == "adaptive_bn" else vis.get("target_val_acc")
+    return select_epoch(vis["curves"], vis.get("reference_val_acc"), scores, by)
+
+
+def selection_candidates(cfg: DictConfig, requested, val_rows) -> List[int]:
+    """The epochs ``run=visualize`` draws curves for: the requested ones under the accuracy floor
+    (:func:`main.meta_train.floor_candidates`); with ``select_by=adaptive_bn`` also the epoch above the floor
+    that scores best there, so that every trained epoch competes while curves are drawn for a few."""
+    floor = settings(cfg, "task.meta_train").accuracy_floor
+    epochs = floor_candidates(requested, val_rows, floor)
+    if settings(cfg, "task.visualize").select_by == "adaptive_bn":
+        scores = adaptive_bn_scores(val_rows)
+        keep = [e for e in floor_epochs(val_rows, floor) if e > 0 and e in scores] or [e for e in scores if e > 0]
+        if keep:
+            epochs = sorted({*epochs, max(keep, key=lambda e: scores[e])})
+    return epochs
 
 
 def _row(variant: str, m: Dict[str, Any]) -> Dict[str, Any]:
@@ -167,10 +188,9 @@ def quickstart(cfg: DictConfig) -> Dict[str, Any]:
 
     timed("generate", stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num)))
     trained = timed("meta_train", stage_config(cfg, "meta_train"))
-    epochs = floor_candidates(sorted({0, *map(int, qs.epochs)}), trained["val"],
-                              settings(cfg, "task.meta_train").accuracy_floor)
+    epochs = selection_candidates(cfg, sorted({0, *map(int, qs.epochs)}), trained["val"])
     vis = timed("visualize", stage_config(cfg, "visualize", epochs=epochs))
-    epoch, scores = selected_epoch(cfg, vis)
+    epoch, scores = selected_epoch(cfg, vis, trained["val"])
     knee_of, at_target = vis["knees"], vis.get("target_val_acc") or {}
     log.info("quickstart: selected metanetwork epoch %d by %s (score %.2f, knee %.2fx; no metanetwork %.2f, "
              "knee %.2fx)", epoch, select.select_by, scores[epoch], knee_of[epoch],

@@ -101,6 +101,44 @@ def evaluate(
     return {"loss": loss_sum / seen, "acc": 100.0 * correct / seen, "n": seen}
 
 
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model``'s BatchNorms normalise with each batch's own statistics inside the block (train mode, momentum
+    0: their stored running statistics are left as they are); the rest of the model stays in its mode."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    state = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield model
+    finally:
+        for m, (training, momentum) in zip(norms, state):
+            m.train(training)
+            m.momentum = momentum
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images: List[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics as the exact average over ``images`` (batches), with
+    the weights as they are: "adaptive BN", the cheap proxy of a fine-tune's outcome for a pruned network (its
+    stored statistics belong to the channels it had before)."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    modes, momenta = [m.training for m in norms], [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: the cumulative average over the batches since the reset
+        m.train()
+    for x in images:
+        model(x)
+    for m, training, momentum in zip(norms, modes, momenta):
+        m.train(training)
+        m.momentum = momentum
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,

@@ -120,6 +120,26 @@ def test_a_prune_aware_run_logs_the_pruned_loss_and_validates_at_its_targets(sto
     assert "val_acc_at_1.3x" in val[0] and "val_acc_at_1.6x" in val[0] and len(val) == 1 + 3  # epoch 0 too
 
 
+def test_prune_aware_with_batch_statistics_trains_and_validates_with_adaptive_bn(store, monkeypatch):
+    seen = []
+    real = mt.batch_statistics
+    monkeypatch.setattr(mt, "batch_statistics", lambda model: seen.append(model) or real(model))
+    cfg = _cfg(store, "run=meta_train", "run_name=prune_aware_batch", "task.meta_train.prune_aware.weight=1",
+               "task.meta_train.prune_aware.targets=[1.3]", "task.meta_train.prune_aware.batch_norm=batch")
+    dispatch(cfg)
+    assert len(seen) == 2 * 3  # every step's pruned loss, and only it
+    val = (Path(cfg.meta_train_dir) / "meta_val.csv").read_text().splitlines()
+    assert "val_acc_at_1.3x_adaptive_bn" in val[0] and len(val) == 1 + 3
+
+
+def test_selecting_by_adaptive_bn_validates_at_the_tasks_targets(store):
+    cfg = _cfg(store, "run=meta_train", "run_name=adaptive_bn", "task.visualize.select_by=adaptive_bn",
+               "task.pruning.target_speed_ups=[1.3]")
+    rows = dispatch(cfg)["val"]
+    assert len(rows) == 3 and all(0.0 <= r["val_acc_at_1.3x_adaptive_bn"] <= 100.0 for r in rows)
+    assert set(mt.adaptive_bn_scores(rows)) == {0, 1, 2}
+
+
 def test_prune_aware_settings_are_checked(store):
     with pytest.raises(mt.ConfigError, match="prune_aware.targets"):
         mt.prune_aware_settings(_cfg(store, "task.meta_train.prune_aware.weight=1", "task.meta_train.prune_aware.targets=[]"))

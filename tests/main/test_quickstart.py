@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import main.meta_train as mt
+import main.quickstart as qs
 from main.quickstart import curve_score, select_epoch
 from main.run_modes import ConfigError, dispatch
 from main.visualize import knee, knees
@@ -30,8 +32,23 @@ def test_selection_by_target_takes_the_best_pruned_and_finetuned_validation_accu
     assert select_epoch(curves, 90.0, {2: 94.0, 4: 95.0, 6: 95.0}, by="target")[0] == 4  # tie: the higher knee
     with pytest.raises(ConfigError, match="select_target"):
         select_epoch(curves, 90.0, {2: 94.0}, by="target")  # epochs 4 and 6 were not measured at the target
-    with pytest.raises(ConfigError, match="choose knee or target"):
+    with pytest.raises(ConfigError, match="choose knee, target or adaptive_bn"):
         select_epoch(curves, 90.0, by="speed")
+
+
+def test_selection_by_adaptive_bn_reads_meta_trainings_validation_rows(tmp_path):
+    rows = [{"epoch": 0, "val_acc": 90.0, "val_acc_at_3x_adaptive_bn": 60.0, "val_acc_at_4x_adaptive_bn": 40.0},
+            {"epoch": 1, "val_acc": 88.0, "val_acc_at_3x_adaptive_bn": 70.0, "val_acc_at_4x_adaptive_bn": 50.0},
+            {"epoch": 2, "val_acc": 85.0, "val_acc_at_3x_adaptive_bn": 75.0, "val_acc_at_4x_adaptive_bn": 55.0},
+            {"epoch": 3, "val_acc": 70.0, "val_acc_at_3x_adaptive_bn": 80.0, "val_acc_at_4x_adaptive_bn": 60.0}]
+    assert mt.adaptive_bn_scores(rows) == {0: 50.0, 1: 60.0, 2: 65.0, 3: 70.0}
+    cfg = _cfg(tmp_path, "task.visualize.select_by=adaptive_bn", "task.meta_train.accuracy_floor=0.9")
+    # epoch 3 scores best but is below the floor (70 < 81); epoch 2 is the best above it and joins the curves
+    assert qs.selection_candidates(cfg, [0, 1], rows) == [0, 1, 2]
+    flat = [{"speed_up": 1.3, "val_acc": 90.0}, {"speed_up": 3.0, "val_acc": 85.0}]
+    assert qs.selected_epoch(cfg, {"curves": {0: flat, 1: flat, 2: flat}}, rows)[0] == 2
+    with pytest.raises(ConfigError, match="adaptive-BN figures"):
+        select_epoch({0: flat, 5: flat}, 90.0, mt.adaptive_bn_scores(rows), by="adaptive_bn")
 
 
 def test_knee_is_where_the_curve_first_falls_below_80_percent_of_the_original():
@@ -77,7 +94,7 @@ def test_quickstart_runs_the_pipeline_and_writes_table_and_plot(tmp_path):
 
 
 def test_selection_settings_are_checked_before_any_curve(tmp_path):
-    with pytest.raises(ConfigError, match="select_by='speed' is not valid: it must be one of target, knee"):
+    with pytest.raises(ConfigError, match="select_by='speed' is not valid: it must be one of target, adaptive_bn, knee"):
         dispatch(_cfg(tmp_path, "run=visualize", "epochs=[0]", "task.visualize.select_by=speed"))
     with pytest.raises(ConfigError, match="select_by=target needs task.visualize.select_target"):
         dispatch(_cfg(tmp_path, "run=visualize", "epochs=[0]", "task.visualize.select_by=target",

@@ -3,6 +3,7 @@ import torch
 
 from tests.conftest import TinyNet
 from utils.checkpoint import CheckpointError
+from utils import train
 from utils.train import Limits, evaluate, fit
 
 SCHEDULE = {"epochs": 3, "lr": 0.1, "milestones": [2], "gamma": 0.1}
@@ -100,3 +101,31 @@ def test_nonfinite_loss_stops_with_clear_error(synthetic_loaders, tiny_net):
         tiny_net.fc.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         fit(tiny_net, synthetic_loaders, SCHEDULE, OPTIM, CPU, progress=False)
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    net[1].running_mean.fill_(5.0)  # stale statistics: far from the data's
+    return net
+
+
+def test_batch_statistics_normalise_with_the_batch_and_keep_the_stored_statistics():
+    net, x = _bn_net(), torch.randn(8, 3, 6, 6)
+    stored = net[1].running_mean.clone()
+    with train.batch_statistics(net):
+        y = net(x)
+    pre = net[0](x)
+    expect = torch.relu(net[1].weight[:, None, None] * (pre - pre.mean((0, 2, 3), keepdim=True))
+                        / (pre.var((0, 2, 3), unbiased=False, keepdim=True) + net[1].eps).sqrt()
+                        + net[1].bias[:, None, None])
+    torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-5)
+    assert torch.equal(net[1].running_mean, stored) and not net[1].training and net[1].momentum == 0.1
+
+
+def test_recalibrated_batchnorm_holds_the_average_over_the_batches():
+    net, batches = _bn_net(), [torch.randn(8, 3, 6, 6) + i for i in range(3)]
+    train.recalibrate_batchnorm(net, batches)
+    means = torch.stack([net[0](x).mean((0, 2, 3)) for x in batches]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, means, rtol=1e-4, atol=1e-5)
+    assert not net[1].training and net[1].momentum == 0.1
