@@ -25,7 +25,8 @@ BAD = {"an integer >= 1": 0, "an integer >= 0": -1, "a number > 0": 0.0, "a numb
        "a speed-up > 1": 1.0, "a list of increasing integers >= 0 (may be empty)": [9, 6],
        "null or a non-empty list of epochs >= 0": [-2],
        "one of fast, pyg, multiplicative": "slow", "one of additive, relative_scale": "channel_scale",  # retired edit
-       "one of relu, tanh, silu": "gelu", "one of nsgd, adamw": "adam", "one of target, knee": "elbow",
+       "one of relu, tanh, silu": "gelu", "one of nsgd, adamw": "adam", "one of target, adaptive_bn, knee": "elbow",
+       "one of batch, stored": "running", "a number in [0, 1) (0: off)": 1.0,
        "a list, each a speed-up > 1": [0.5]}
 
 
