@@ -9,8 +9,10 @@ Methods with their own pipeline (MetaPruning, Rewarded meta-pruning) search widt
 network with their configured schedule instead; their metrics name their budget. The graph metanetwork
 is meta-trained once (seed ``benchmark.meta_seed``), its epoch chosen on validation curves
 (:func:`main.quickstart.selected_epoch`) unless ``meta_epoch=`` is given. A method entry whose ``metanetwork``
-is a mapping of metanetwork keys (``{layer: multiplicative, edit: additive}``: the published configuration)
-is a variant with its own meta-training on the same data models. Without a metanetwork, the
+is a mapping of metanetwork keys (``{layer: multiplicative, edit: additive}``: the published configuration),
+or that carries ``meta_train:`` or ``visualize:`` keys (how it is meta-trained, how its epoch is selected),
+is a variant with its own meta-training on the same data models; ``method`` may then be another criterion
+than the one it was meta-trained with (its output pruned by Intra-Fusion, say). Without a metanetwork, the
 after-metanetwork fine-tune of a seed's target network is the same for every criterion: it is made once
 and shared (``main.final.baseline_finetune_dir``), except sparse learning's, which is regularised.
 

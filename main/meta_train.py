@@ -12,6 +12,13 @@ One step per training data model (shuffled every epoch):
 4. **one** vector-Jacobian product pushes the total ``dL/dW`` through the conversion and the metanetwork,
    then AdamW steps. (The published code backpropagated through the metanetwork once per batch.)
 
+After every epoch the validation data models pass through the metanetwork and are evaluated without any
+fine-tune (:func:`validate`); with targets (the prune-aware term's, or the task's when the epoch is
+selected by ``adaptive_bn``) also pruned one-shot to each target, as they are and with their BatchNorm
+statistics re-estimated. ``accuracy_floor`` stops meta-training after the first epoch whose output falls
+below that fraction of the original's accuracy (also after a resume), and selection keeps to the epochs
+above it (:func:`floor_candidates`).
+
 Work copies and pruners (dependency graphs) are built once per data model and reused. A step whose loss or
 gradient is not finite is skipped and logged; ``max_bad_steps`` in a row stop the run with an error.
 """
