@@ -105,20 +105,33 @@ _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d
 
 
 @contextlib.contextmanager
-def batch_statistics(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``model``'s BatchNorms normalise with each batch's own statistics inside the block (train mode, momentum
-    0: their stored running statistics are left as they are); the rest of the model stays in its mode."""
-    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+def batchnorms_in_train_mode(norms: List[torch.nn.Module], momentum: Optional[float],
+                             reset: bool = False) -> Iterator[None]:
+    """``norms`` (BatchNorm modules) in train mode with ``momentum`` inside the block (0: their running
+    statistics stay as they are; None: they become the exact average over the batches seen, from a reset
+    when ``reset``); their modes and momenta are restored afterwards."""
     state = [(m.training, m.momentum) for m in norms]
     for m in norms:
+        if reset:
+            m.reset_running_stats()
         m.train()
-        m.momentum = 0.0
+        m.momentum = momentum
     try:
-        yield model
+        yield
     finally:
-        for m, (training, momentum) in zip(norms, state):
+        for m, (training, m_momentum) in zip(norms, state):
             m.train(training)
-            m.momentum = momentum
+            m.momentum = m_momentum
+
+
+def batch_norms(model: torch.nn.Module) -> List[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+
+
+def batch_statistics(model: torch.nn.Module):
+    """``model``'s BatchNorms normalise with each batch's own statistics inside the block (train mode, momentum
+    0: their stored running statistics are left as they are); the rest of the model stays in its mode."""
+    return batchnorms_in_train_mode(batch_norms(model), 0.0)
 
 
 @torch.no_grad()
@@ -126,17 +139,9 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: List[torch.Tensor]) ->
     """Re-estimate every BatchNorm's running statistics as the exact average over ``images`` (batches), with
     the weights as they are: "adaptive BN", the cheap proxy of a fine-tune's outcome for a pruned network (its
     stored statistics belong to the channels it had before)."""
-    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
-    modes, momenta = [m.training for m in norms], [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None: the cumulative average over the batches since the reset
-        m.train()
-    for x in images:
-        model(x)
-    for m, training, momentum in zip(norms, modes, momenta):
-        m.train(training)
-        m.momentum = momentum
+    with batchnorms_in_train_mode(batch_norms(model), None, reset=True):
+        for x in images:
+            model(x)
 
 
 def train_one_epoch(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nn.metapruning.families import ConvSpec, FamilyAdapter, LayerOps
 from nn.models import create_model
 from utils.pruning.macs import MacCounter
+from utils.train import batchnorms_in_train_mode
 
 Choice = tuple[int, ...]
 
@@ -226,18 +227,12 @@ def recalibrate_bn(net: PruningNet, choice: Choice, batches: Iterable[torch.Tens
     The statistics gathered while training with random widths belong to mixed neighbouring layers, so
     MetaPruning recomputes them for each candidate before scoring it.
     """
-    norms = net.active_norms(choice)
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # None = exact average over all batches seen since the reset
     was_training = net.training
-    net.train()
-    weights = net.generate(choice)
-    for x in batches:
-        net(x, choice, weights)
-    for bn, m in zip(norms, momenta):
-        bn.momentum = m
+    with batchnorms_in_train_mode(net.active_norms(choice), None, reset=True):  # exact average since the reset
+        net.train()
+        weights = net.generate(choice)
+        for x in batches:
+            net(x, choice, weights)
     net.train(was_training)
 
 
