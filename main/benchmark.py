@@ -65,7 +65,7 @@ from tqdm import tqdm
 from data_loaders import build_datasets
 from main.quickstart import selected_epoch, selection_candidates, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
-from utils.config_schema import settings
+from utils.config_schema import check_config, settings
 from utils.io import atomic_write_json, atomic_write_text, read_json, write_csv
 from utils.plotting import plt, save_figure
 
@@ -421,6 +421,8 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
             if OmegaConf.select(plain, key, default=_MISSING) is _MISSING:
                 raise ConfigError(f"benchmark.methods.{label}.grid: {key} is not a setting of method={spec['method']}; "
                                   f"valid method keys: {', '.join(sorted(plain.method))}")
+        if metanetwork_variant(spec):  # its meta-training, metanetwork and selection keys, checked as a run would
+            check_config(stage_config(cfg, "meta_train", **metanetwork_variant(spec)))
     workers = bench.workers
     t0, timings = time.time(), {}
     variants = {grid_tag(metanetwork_variant(s)): metanetwork_variant(s) for s in methods.values() if s.get("metanetwork")}

@@ -208,3 +208,10 @@ def test_a_baseline_cell_does_not_depend_on_how_the_metanetwork_is_made(tmp_path
     assert inputs(cfg, meta_epoch=2) != inputs(other, meta_epoch=2)  # the metanetwork's cells do
     schedule = _cfg(tmp_path, "run=benchmark", "task.schedules.finetune_after_pruning.epochs=3")
     assert inputs(cfg, metanetwork="none") != inputs(schedule, metanetwork="none")
+
+
+def test_a_misspelled_variant_key_stops_the_benchmark_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm, "dispatch", lambda cfg: pytest.fail("no stage may run"))
+    methods = {"v": {"method": "group_l2_max", "metanetwork": True, "meta_train": {"accuracy_flor": 0.9}}}
+    with pytest.raises(ConfigError, match="accuracy_flor.*accuracy_floor"):
+        bm.benchmark(_bench_cfg(tmp_path, methods))
