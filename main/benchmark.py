@@ -63,6 +63,7 @@ from scipy.stats import t as student_t
 from tqdm import tqdm
 
 from data_loaders import build_datasets
+from main.meta_train import adaptive_bn_scores
 from main.quickstart import selected_epoch, selection_candidates, stage_config
 from main.run_modes import RUN_MODES, ConfigError, dispatch, prepare_run
 from utils.config_schema import check_config, settings
@@ -102,6 +103,27 @@ def metanetwork_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# The keys of a benchmark.methods entry (configs/benchmark/default.yaml); meta_epoch: the metanetwork's epoch
+# for this row instead of the selected one, so one row per epoch shows how the selection measures track the
+# fine-tuned accuracy (configs/benchmark/selection.yaml).
+ENTRY_KEYS = ("method", "metanetwork", "grid", "meta_epoch", *VARIANT_SECTIONS)
+
+
+def check_entry(label: str, spec: Any) -> None:
+    """Refuse a method entry that is no mapping, lacks ``method``, or has a key no entry has (a typo)."""
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise ConfigError(f"benchmark.methods.{label} must be a mapping with a method key "
+                          "({method: group_l2_max, ...}), or null to drop it")
+    unknown = sorted(set(spec) - set(ENTRY_KEYS))
+    if unknown:
+        raise ConfigError(f"benchmark.methods.{label}: unknown key(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(ENTRY_KEYS)}")
+    epoch = spec.get("meta_epoch")
+    if epoch is not None and (not spec.get("metanetwork") or not isinstance(epoch, int) or epoch < 0):
+        raise ConfigError(f"benchmark.methods.{label}.meta_epoch={epoch!r}: a metanetwork epoch (an integer >= 0) "
+                          "for an entry with metanetwork: true")
+
+
 def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, Any]) -> Dict[str, Any]:
     """Data models, meta-training and the selected epoch of one metanetwork variant, shared by every seed. The
     data models are the same for every variant (their store does not depend on the metanetwork)."""
@@ -114,6 +136,7 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, 
     dispatch(stage_config(cfg, "generate", shard=0, num=int(cfg.task.data_models.num), **ref))
     trained = dispatch(stage_config(cfg, "meta_train", **ref, **keys))
     meta_dir = str(stage_config(cfg, "meta_train", **ref, **keys).meta_train_dir)
+    figures: Dict[str, Any] = {}  # per epoch, what a selection could read (benchmark.json: metanetworks)
     if cfg.get("meta_epoch") is not None:
         epoch, scores = int(cfg.meta_epoch), {}
     else:
@@ -121,9 +144,13 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, 
         epochs = selection_candidates(vis_cfg, _candidate_epochs(cfg), trained["val"])
         vis = dispatch(stage_config(vis_cfg, "visualize", epochs=epochs))
         epoch, scores = selected_epoch(vis_cfg, vis, trained["val"])
+        figures = {"knee": vis["knees"], "target_val_acc": vis.get("target_val_acc") or {},
+                   "adaptive_bn": adaptive_bn_scores(trained["val"])}
     timings["metanetwork_s"] = round(timings.get("metanetwork_s", 0.0) + time.time() - t, 1)
     log.info("benchmark: metanetwork %s epoch %d from %s", grid_tag(variant) or "(task's)", epoch, meta_dir)
-    return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir, "variant": variant}
+    return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir, "variant": variant,
+            "trained_epochs": sorted(int(r["epoch"]) for r in trained["val"]),
+            "figures": {**figures, "val_acc": {int(r["epoch"]): r["val_acc"] for r in trained["val"]}}}
 
 
 # The two accuracies of every cell, measured on the same pruned network (run=pruning_final).
@@ -306,13 +333,14 @@ class _Cells:
         values: Dict[str, Any] = dict(target=target, seed=seed, slot=self.slot, method=spec["method"],
                                       final_targets_dir=str(target_cfg.final_targets_dir), **(point or {}))
         variant = grid_tag(metanetwork_variant(spec))
-        if tag or variant:  # its own run directory: the settings differ from the method's defaults
+        fixed = f"epoch{spec['meta_epoch']}" if spec.get("meta_epoch") is not None else ""
+        if tag or variant or fixed:  # its own run directory: the settings differ from the method's defaults
             plain = stage_config(self.cfg, "pruning_final", method=spec["method"], seed=seed)
-            values["run_name"] = "_".join(filter(None, (plain.run_name, variant, tag)))
+            values["run_name"] = "_".join(filter(None, (plain.run_name, variant, fixed, tag)))
         if spec.get("metanetwork"):
             meta = self.meta[grid_tag(metanetwork_variant(spec))]
-            values.update(meta_epoch=meta["epoch"], meta_train_dir=meta["meta_train_dir"],
-                          **meta["variant"])
+            epoch = meta["epoch"] if spec.get("meta_epoch") is None else int(spec["meta_epoch"])
+            values.update(meta_epoch=epoch, meta_train_dir=meta["meta_train_dir"], **meta["variant"])
         else:
             values["metanetwork"] = "none"
         stage = stage_config(self.cfg, "pruning_final", **values)
@@ -416,6 +444,7 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     if not methods or not targets or not seeds:
         raise ConfigError("benchmark.methods, benchmark.speed_ups and benchmark.seeds must not be empty")
     for label, spec in methods.items():  # fail on a typo before hours of work
+        check_entry(label, spec)
         plain = stage_config(cfg, "pruning_final", method=spec["method"])
         for key in spec.get("grid") or {}:
             if OmegaConf.select(plain, key, default=_MISSING) is _MISSING:
@@ -427,6 +456,13 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     t0, timings = time.time(), {}
     variants = {grid_tag(metanetwork_variant(s)): metanetwork_variant(s) for s in methods.values() if s.get("metanetwork")}
     meta = {tag: _metanetwork(cfg, timings, variant) for tag, variant in variants.items()}
+    for label, spec in methods.items():  # an entry's fixed epoch must have been trained
+        if spec.get("meta_epoch") is not None:
+            trained = meta[grid_tag(metanetwork_variant(spec))]["trained_epochs"]
+            if int(spec["meta_epoch"]) not in trained:
+                raise ConfigError(f"benchmark.methods.{label}.meta_epoch={spec['meta_epoch']}: its meta-training "
+                                  f"has epochs {trained} (it may have stopped early at its accuracy floor); "
+                                  "pick one of them")
     cells = _Cells(worker_config(cfg, workers), ctx.run_dir / "cells", meta)
     cells.dir.mkdir(parents=True, exist_ok=True)
     tune_seed = seeds[0] if bench.tune_seed is None else bench.tune_seed
@@ -465,6 +501,8 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     result = {"table": table, "summary": summary, "cells": rows, "tuning": tuning, "timings": timings,
               "strongest_baseline": strongest,
               "task": cfg.task.name, "metanetwork_epochs": {tag or "task": m["epoch"] for tag, m in meta.items()},
+              "metanetworks": {tag or "task": {k: m[k] for k in ("epoch", "scores", "figures", "meta_train_dir")}
+                               for tag, m in meta.items()},
               "seeds": seeds, "workers": workers,
               "threads": cells.cfg.get("threads")}
     atomic_write_json(result, ctx.run_dir / "benchmark.json")

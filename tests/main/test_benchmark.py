@@ -215,3 +215,40 @@ def test_a_misspelled_variant_key_stops_the_benchmark_before_any_work(tmp_path, 
     methods = {"v": {"method": "group_l2_max", "metanetwork": True, "meta_train": {"accuracy_flor": 0.9}}}
     with pytest.raises(ConfigError, match="accuracy_flor.*accuracy_floor"):
         bm.benchmark(_bench_cfg(tmp_path, methods))
+
+
+@pytest.mark.slow
+def test_a_row_per_meta_epoch_shares_one_meta_training_and_records_the_selection_figures(tmp_path, monkeypatch):
+    seen = []
+    real = bm.dispatch
+    monkeypatch.setattr(bm, "dispatch", lambda cfg: seen.append(cfg) or real(cfg))
+    methods = {f"e{e}": {"method": "group_l2_max", "metanetwork": True, "meta_epoch": e} for e in (1, 2)}
+    cfg = _bench_cfg(tmp_path, methods)
+    with open_dict(cfg):
+        cfg.benchmark.seeds = [0]
+    result = bm.benchmark(cfg)
+    assert [c.run for c in seen].count("meta_train") == 1
+    finals = {c.meta_epoch: c.run_dir for c in seen if c.run == "pruning_final"}
+    assert set(finals) == {1, 2} and finals[1] != finals[2]  # one run directory per epoch
+    assert {c["method"]: c for c in result["cells"]}["e1"]["test_acc"] is not None
+    figures = result["metanetworks"]["task"]["figures"]
+    assert set(figures["knee"]) == {0, 2} and set(figures["val_acc"]) == {0, 1, 2}
+
+
+def test_a_method_entry_with_an_unknown_key_or_an_untrained_epoch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm, "dispatch", lambda cfg: pytest.fail("no stage may run"))
+    for spec, message in (({"method": "group_l2_max", "metanetwork": True, "meta_epcoh": 2}, "unknown key.*meta_epcoh"),
+                          ({"method": "group_l2_max", "meta_epoch": 2}, "meta_epoch=2.*metanetwork: true"),
+                          ({"metanetwork": True}, "with a method key")):
+        with pytest.raises(ConfigError, match=message):
+            bm.benchmark(_bench_cfg(tmp_path, {"v": spec}))
+
+
+@pytest.mark.slow
+def test_a_meta_epoch_past_the_trained_ones_is_refused_before_any_cell(tmp_path, monkeypatch):
+    real = bm.dispatch
+    monkeypatch.setattr(bm, "dispatch", lambda cfg: pytest.fail("no cell may run") if cfg.run == "pruning_final"
+                        else real(cfg))
+    methods = {"late": {"method": "group_l2_max", "metanetwork": True, "meta_epoch": 99}}
+    with pytest.raises(ConfigError, match="meta_epoch=99: its meta-training has epochs"):
+        bm.benchmark(_bench_cfg(tmp_path, methods))
