@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+from scipy.stats import spearmanr
 from scipy.stats import t as student_t
 from tqdm import tqdm
 
@@ -253,6 +254,90 @@ def markdown(summary: List[Dict[str, Any]], targets: List[float], reference: str
         for r in (r for r in summary if r["target_speed_up"] == t):
             out.append(f"| {r['method']} | {r['speed_up_mean']:.2f}x | " +
                        " | ".join(_cell(r, key, best) for key in COLUMNS) + " |")
+    return "\n".join(out) + "\n"
+
+
+# What a metanetwork's epoch can be selected by (benchmark.json: metanetworks.<tag>.figures), each a higher-is-
+# better figure per epoch: its output's no-fine-tune validation accuracy, the adaptive-BN score, the knee of its
+# no-fine-tune curve, and the validation data model's accuracy once pruned to select_target and fine-tuned.
+SELECTION_FIGURES = ("val_acc", "adaptive_bn", "knee", "target_val_acc")
+
+
+def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rho; NaN where either side is constant (no ranking to compare)."""
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        return math.nan
+    return float(spearmanr(xs, ys)[0])
+
+
+def selection_study(methods: Dict[str, Dict[str, Any]], meta: Dict[str, Dict[str, Any]],
+                    cells_of: Dict[tuple, List[Dict[str, Any]]], targets: Sequence[float],
+                    reference: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """For a metanetwork with a row per epoch (``meta_epoch``; epoch 0 is the ``reference`` row when it prunes
+    with the same criterion and no metanetwork): per target and epoch, the mean fine-tuned validation and test
+    accuracy over seeds beside each selection figure; and per figure, its Spearman rank correlation with
+    them over the epochs and the epoch it would select, against the best one. Returns (epochs, figures)."""
+    epochs_out, figures_out = [], []
+    for tag, m in meta.items():
+        row_of = {int(s["meta_epoch"]): label for label, s in methods.items() if s.get("metanetwork")
+                  and s.get("meta_epoch") is not None and grid_tag(metanetwork_variant(s)) == tag}
+        criteria = {methods[label]["method"] for label in row_of.values()}
+        ref = methods.get(reference)
+        if ref is not None and not ref.get("metanetwork") and criteria == {ref["method"]}:
+            row_of.setdefault(0, reference)
+        if len(row_of) < 3:
+            continue
+        figures = {name: {int(e): float(v) for e, v in m["figures"].get(name, {}).items()} for name in SELECTION_FIGURES}
+        for target in targets:
+            acc = {}
+            for epoch, label in sorted(row_of.items()):
+                rows = cells_of.get((label, target), [])
+                if not rows:
+                    continue
+                acc[epoch] = {k: statistics.mean(float(r[k]) for r in rows) for k in ("val_acc", "test_acc")}
+                epochs_out.append({"metanetwork": tag or "task", "target_speed_up": target, "epoch": epoch,
+                                   "row": label, "seeds": len(rows),
+                                   **{f"finetuned_{k}_mean": v for k, v in acc[epoch].items()},
+                                   **{name: figures[name].get(epoch) for name in SELECTION_FIGURES}})
+            if len(acc) < 3:
+                continue
+            best = max(acc, key=lambda e: acc[e]["val_acc"])
+            for name in SELECTION_FIGURES:
+                have = sorted(e for e in acc if e in figures[name])
+                if len(have) < 3:
+                    continue
+                chosen = max((e for e in have if e > 0), key=lambda e: figures[name][e], default=None)
+                xs = [figures[name][e] for e in have]
+                rho = {k: rank_correlation(xs, [acc[e][k] for e in have]) for k in ("val_acc", "test_acc")}
+                figures_out.append({
+                    "metanetwork": tag or "task", "target_speed_up": target, "figure": name, "epochs": have,
+                    "spearman_val": rho["val_acc"], "spearman_test": rho["test_acc"],
+                    "selects": chosen, "selected_val_acc": acc[chosen]["val_acc"] if chosen is not None else None,
+                    "selected_test_acc": acc[chosen]["test_acc"] if chosen is not None else None,
+                    "best_epoch": best, "best_val_acc": acc[best]["val_acc"], "best_test_acc": acc[best]["test_acc"]})
+    return epochs_out, figures_out
+
+
+def selection_markdown(epochs: List[Dict[str, Any]], figures: List[Dict[str, Any]]) -> str:
+    """The selection study as markdown: the per-epoch figures beside the fine-tuned accuracy, then per figure
+    its rank correlation with it and what selecting by it gives."""
+    def num(v: Any, fmt: str = "{:.2f}") -> str:
+        return "-" if v is None or v != v else fmt.format(v)
+
+    out = ["\n## Selection figures against the fine-tuned accuracy (mean over seeds)\n",
+           "| metanetwork | target | epoch | fine-tuned val acc | fine-tuned test acc | "
+           + " | ".join(SELECTION_FIGURES) + " |", "|---" * (5 + len(SELECTION_FIGURES)) + "|"]
+    for r in epochs:
+        out.append(f"| {r['metanetwork']} | {r['target_speed_up']:g}x | {r['epoch']} | {num(r['finetuned_val_acc_mean'])} | "
+                   f"{num(r['finetuned_test_acc_mean'])} | " + " | ".join(num(r[n], "{:.3f}" if n == "knee" else "{:.2f}")
+                                                               for n in SELECTION_FIGURES) + " |")
+    out += ["", "| metanetwork | target | figure | epochs | Spearman, val | Spearman, test | selects | its val / test acc "
+            "| best epoch (val) | its val / test acc |", "|---" * 10 + "|"]
+    for r in figures:
+        out.append(f"| {r['metanetwork']} | {r['target_speed_up']:g}x | {r['figure']} | {','.join(map(str, r['epochs']))} | "
+                   f"{num(r['spearman_val'])} | {num(r['spearman_test'])} | {r['selects']} | "
+                   f"{num(r['selected_val_acc'])} / {num(r['selected_test_acc'])} | {r['best_epoch']} | "
+                   f"{num(r['best_val_acc'])} / {num(r['best_test_acc'])} |")
     return "\n".join(out) + "\n"
 
 
@@ -494,12 +579,17 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     if tuning:
         table += "\nChosen on the validation accuracy of seed " + f"{tune_seed}'s cells: " + "; ".join(
             f"{r['method']} {grid_tag(r['chosen'])} at {r['target_speed_up']:g}x" for r in tuning) + ".\n"
+    study_epochs, study = selection_study(methods, meta, cells_of, targets, compare)
+    if study_epochs:
+        table += selection_markdown(study_epochs, study)
+        write_csv(study_epochs, ctx.run_dir / "selection_epochs.csv")
+        write_csv(study, ctx.run_dir / "selection_figures.csv")
     timings["total_s"] = round(time.time() - t0, 1)
     write_csv([{k: v for k, v in r.items() if k != "inputs"} for r in rows], ctx.run_dir / "benchmark_cells.csv")
     write_csv(summary, ctx.run_dir / "benchmark_summary.csv")
     atomic_write_text(table, ctx.run_dir / "benchmark_table.md")
     result = {"table": table, "summary": summary, "cells": rows, "tuning": tuning, "timings": timings,
-              "strongest_baseline": strongest,
+              "strongest_baseline": strongest, "selection_study": {"epochs": study_epochs, "figures": study},
               "task": cfg.task.name, "metanetwork_epochs": {tag or "task": m["epoch"] for tag, m in meta.items()},
               "metanetworks": {tag or "task": {k: m[k] for k in ("epoch", "scores", "figures", "meta_train_dir")}
                                for tag, m in meta.items()},

@@ -223,16 +223,44 @@ def test_a_row_per_meta_epoch_shares_one_meta_training_and_records_the_selection
     real = bm.dispatch
     monkeypatch.setattr(bm, "dispatch", lambda cfg: seen.append(cfg) or real(cfg))
     methods = {f"e{e}": {"method": "group_l2_max", "metanetwork": True, "meta_epoch": e} for e in (1, 2)}
+    methods["group_l2_max"] = {"method": "group_l2_max"}  # epoch 0 of the study
     cfg = _bench_cfg(tmp_path, methods)
     with open_dict(cfg):
         cfg.benchmark.seeds = [0]
     result = bm.benchmark(cfg)
     assert [c.run for c in seen].count("meta_train") == 1
-    finals = {c.meta_epoch: c.run_dir for c in seen if c.run == "pruning_final"}
+    finals = {c.meta_epoch: c.run_dir for c in seen if c.run == "pruning_final" and c.metanetwork.name != "none"}
     assert set(finals) == {1, 2} and finals[1] != finals[2]  # one run directory per epoch
     assert {c["method"]: c for c in result["cells"]}["e1"]["test_acc"] is not None
     figures = result["metanetworks"]["task"]["figures"]
     assert set(figures["knee"]) == {0, 2} and set(figures["val_acc"]) == {0, 1, 2}
+    study = result["selection_study"]
+    assert [r["row"] for r in study["epochs"]] == ["group_l2_max", "e1", "e2"]
+    assert [r["figure"] for r in study["figures"]] == ["val_acc", "adaptive_bn"] or \
+        [r["figure"] for r in study["figures"]] == ["val_acc"]  # the knee has 2 epochs: too few to rank
+    assert (Path(cfg.run_dir) / "selection_figures.csv").exists()
+    assert "Selection figures against the fine-tuned accuracy" in (Path(cfg.run_dir) / "benchmark_table.md").read_text()
+
+
+def test_the_selection_study_ranks_each_figure_against_the_fine_tuned_accuracy():
+    methods = {"plain": {"method": "group_l2_max"},
+               **{f"e{e}": {"method": "group_l2_max", "metanetwork": True, "meta_epoch": e} for e in (1, 2, 3)},
+               "sl": {"method": "sparse_learning"}}
+    val = {0: 80.0, 1: 82.0, 2: 85.0, 3: 81.0}  # fine-tuned val acc per epoch; test acc 1 lower
+    cells_of = {(label, 4.0): [{"seed": s, "val_acc": val[e] + s, "test_acc": val[e] + s - 1} for s in (0, 1)]
+                for e, label in ((0, "plain"), (1, "e1"), (2, "e2"), (3, "e3"))}
+    figures = {"val_acc": {0: 90, 1: 89, 2: 88, 3: 87},          # reversed order of the truth's top: rho < 0
+               "knee": {"0": 1.30, "1": 1.32, "2": 1.40, "3": 1.31},  # same order as the truth: rho = 1
+               "adaptive_bn": {}, "target_val_acc": {2: 70.0}}        # too few epochs: left out
+    meta = {"": {"figures": figures}}
+    epochs, rows = bm.selection_study(methods, meta, cells_of, [4.0], "plain")
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3] and epochs[2]["finetuned_val_acc_mean"] == 85.5
+    by = {r["figure"]: r for r in rows}
+    assert set(by) == {"val_acc", "knee"}
+    assert by["knee"]["spearman_val"] == pytest.approx(1.0) and by["knee"]["selects"] == 2
+    assert by["val_acc"]["selects"] == 1 and by["val_acc"]["spearman_val"] < 0
+    assert by["val_acc"]["selected_val_acc"] == 82.5 and by["val_acc"]["best_epoch"] == 2
+    assert "| knee | 0,1,2,3 | 1.00 |" in bm.selection_markdown(epochs, rows)
 
 
 def test_a_method_entry_with_an_unknown_key_or_an_untrained_epoch_is_refused(tmp_path, monkeypatch):
