@@ -174,19 +174,16 @@ class GraphMetanetwork(torch.nn.Module):
         if scale is not None:
             x_out = x_out * torch.where(self.scaled_columns, scale.unsqueeze(1), x_out.new_ones(()))
         del hn
-        e = F.layer_norm(e, (H,))
+        # split, not sliced: the backward of a split is one cat, where each slice's would zero and copy an
+        # (E, H) gradient
+        parts = F.layer_norm(e, (H,)).split([edge_features[t].shape[0] for t in types])
         out: Dict[str, Tensor] = {}
-        start = 0
-        for t in types:
-            rows = edge_features[t].shape[0]
+        for t, part in zip(types, parts):
             if t in self.edge_dec:
-                out[t] = edge_features[t] + self.edge_ratio * self.edge_dec[t](e[start:start + rows])
+                out[t] = edge_features[t] + self.edge_ratio * self.edge_dec[t](part)
                 if scale is not None:
                     src, dst = edge_index[t]
                     out[t] = out[t] * (scale[src] * scale[dst]).unsqueeze(1)
-            else:
-                out[t] = edge_features[t]
-            start += rows
         return x_out, {t: out.get(t, edge_features[t]) for t in edge_features}
 
     def _channel_scale(self, hn: Tensor, node_type: Tensor, index: List[Tensor]) -> Tensor:
