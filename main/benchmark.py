@@ -150,7 +150,6 @@ def _metanetwork(cfg: DictConfig, timings: Dict[str, float], variant: Dict[str, 
     timings["metanetwork_s"] = round(timings.get("metanetwork_s", 0.0) + time.time() - t, 1)
     log.info("benchmark: metanetwork %s epoch %d from %s", grid_tag(variant) or "(task's)", epoch, meta_dir)
     return {"epoch": epoch, "scores": scores, "meta_train_dir": meta_dir, "variant": variant,
-            "trained_epochs": sorted(int(r["epoch"]) for r in trained["val"]),
             "figures": {**figures, "val_acc": {int(r["epoch"]): r["val_acc"] for r in trained["val"]}}}
 
 
@@ -418,13 +417,14 @@ class _Cells:
         values: Dict[str, Any] = dict(target=target, seed=seed, slot=self.slot, method=spec["method"],
                                       final_targets_dir=str(target_cfg.final_targets_dir), **(point or {}))
         variant = grid_tag(metanetwork_variant(spec))
-        fixed = f"epoch{spec['meta_epoch']}" if spec.get("meta_epoch") is not None else ""
+        fixed_epoch = spec.get("meta_epoch")
+        fixed = f"epoch{fixed_epoch}" if fixed_epoch is not None else ""
         if tag or variant or fixed:  # its own run directory: the settings differ from the method's defaults
             plain = stage_config(self.cfg, "pruning_final", method=spec["method"], seed=seed)
             values["run_name"] = "_".join(filter(None, (plain.run_name, variant, fixed, tag)))
         if spec.get("metanetwork"):
             meta = self.meta[grid_tag(metanetwork_variant(spec))]
-            epoch = meta["epoch"] if spec.get("meta_epoch") is None else int(spec["meta_epoch"])
+            epoch = meta["epoch"] if fixed_epoch is None else int(fixed_epoch)
             values.update(meta_epoch=epoch, meta_train_dir=meta["meta_train_dir"], **meta["variant"])
         else:
             values["metanetwork"] = "none"
@@ -543,7 +543,7 @@ def benchmark(cfg: DictConfig) -> Dict[str, Any]:
     meta = {tag: _metanetwork(cfg, timings, variant) for tag, variant in variants.items()}
     for label, spec in methods.items():  # an entry's fixed epoch must have been trained
         if spec.get("meta_epoch") is not None:
-            trained = meta[grid_tag(metanetwork_variant(spec))]["trained_epochs"]
+            trained = sorted(meta[grid_tag(metanetwork_variant(spec))]["figures"]["val_acc"])  # every trained epoch
             if int(spec["meta_epoch"]) not in trained:
                 raise ConfigError(f"benchmark.methods.{label}.meta_epoch={spec['meta_epoch']}: its meta-training "
                                   f"has epochs {trained} (it may have stopped early at its accuracy floor); "
